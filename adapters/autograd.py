@@ -1,0 +1,292 @@
+"""The reference backend: exact curvature products with plain autograd and torch.func.
+
+- Hessian: double backward on a graph cached per batch (repeated products on fixed data
+  reuse the forward pass and the first backward).
+- GGN J^T H_out J, Fisher (type-2 = GGN for MSE/CE/BCE; Monte-Carlo with labels drawn once
+  from the model's predictive) and empirical Fisher (1/N) sum_n g_n g_n^T, from cached
+  output graphs: J v by the double-vjp trick, H_out w and J^T w by vjp.
+- Per-group products with one shared probe through ``torch.func.vmap`` over groups, and a
+  loop over the same function when the model cannot be vmapped (same numbers).
+
+Parameters are differentiated through ``torch.func.functional_call`` on detached aliases,
+and buffers are passed as clones, so the user's model keeps its mode, hooks, buffers and
+``.grad``. A cached graph is rebuilt when the parameters change in place (an optimizer step).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from curvlab._params import flatten, unflatten
+from curvlab._random import Seed, make_generator
+from curvlab.errors import CurvlabWarning, InvalidInputError, NumericalError, UnsupportedModelError
+from curvlab.estimator import CurvatureEstimator
+
+from ._losses import SUPPORTED, check_scalar_mean_loss, loss_kind, sample_residuals
+
+
+def _grad(outputs, inputs, grad_outputs=None, create_graph=False):
+    return torch.autograd.grad(
+        outputs,
+        inputs,
+        grad_outputs=grad_outputs,
+        retain_graph=True,
+        create_graph=create_graph,
+        allow_unused=True,
+        materialize_grads=True,
+    )
+
+
+class AutogradEstimator(CurvatureEstimator):
+    """Exact curvature products by autograd (see module docstring).
+
+    Extra options: ``fisher_type`` ("type-2" or "mc"), ``mc_samples`` and ``seed`` for the
+    Monte-Carlo Fisher, ``vectorize`` (None: try vmap, fall back to a loop; True; False),
+    ``chunk_size`` (groups per vmap call).
+    """
+
+    backend = "autograd"
+    supported_curvatures = frozenset({"hessian", "ggn", "fisher", "ef"})
+    base_capabilities = frozenset({"matvec", "group_matvecs", "per_sample_gradients"})
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn,
+        data,
+        curvature: str = "hessian",
+        params=None,
+        *,
+        fisher_type: str = "type-2",
+        mc_samples: int = 1,
+        seed: Seed = 0,
+        vectorize: bool | None = None,
+        chunk_size: int = 512,
+        distributed: bool | None = None,
+    ):
+        super().__init__(model, loss_fn, data, curvature, params, distributed=distributed)
+        if fisher_type not in ("type-2", "mc"):
+            raise InvalidInputError(f"fisher_type must be 'type-2' or 'mc', got {fisher_type!r}")
+        if mc_samples < 1:
+            raise InvalidInputError(f"mc_samples must be >= 1, got {mc_samples}")
+        self.kind = loss_kind(loss_fn)
+        if curvature == "fisher" and self.kind is None:
+            raise UnsupportedModelError(
+                f"the Fisher needs a likelihood: use {SUPPORTED} (mean reduction, no weights), "
+                "or curvature='ggn' for any loss"
+            )
+        self.fisher_type = fisher_type if curvature == "fisher" else None
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.vectorize = vectorize
+        self.chunk_size = chunk_size
+        self._cache: list[dict] | None = None
+        self._versions: list[int] | None = None
+        self._residuals: list[torch.Tensor] | None = None
+        self._check_loss()
+
+    # ------------------------------------------------------------------ model access
+    def _aliases(self) -> list[torch.Tensor]:
+        return [p.detach().requires_grad_() for p in self.params]
+
+    def _forward(self, params, x):
+        state = {name: b.clone() for name, b in self.model.named_buffers()}
+        state.update(zip(self.param_names, params))
+        return functional_call(self.model, state, (x,), strict=False)
+
+    def _state_versions(self) -> list[int]:
+        return [t._version for t in self.params] + [b._version for b in self.model.buffers()]
+
+    def _check_loss(self) -> None:
+        x, y = self.batches[0]
+        with torch.no_grad():
+            out = self._forward([p.detach() for p in self.params], x)
+            loss = check_scalar_mean_loss(self.loss_fn, out, y)
+        if not torch.isfinite(loss):
+            raise NumericalError(
+                f"the loss is {loss.item()} on the first batch; check data and model"
+            )
+
+    # ------------------------------------------------------------------ cached graphs
+    def release(self) -> None:
+        self._cache = None
+        self._versions = None
+
+    def _graphs(self) -> list[dict]:
+        if self._cache is None or self._versions != self._state_versions():
+            self._cache = [self._build(i, x, y) for i, (x, y) in enumerate(self.batches)]
+            self._versions = self._state_versions()
+        return self._cache
+
+    def _build(self, i: int, x: torch.Tensor, y: torch.Tensor) -> dict:
+        ps = self._aliases()
+        weight = x.shape[0] / self.local_num_samples
+        if self.curvature == "hessian":
+            loss = self.loss_fn(self._forward(ps, x), y)
+            self._check_finite(loss, i)
+            return {"ps": ps, "w": weight, "grads": _grad(loss, ps, create_graph=True)}
+        out = self._forward(ps, x)
+        out_d = out.detach().requires_grad_()
+        loss = self.loss_fn(out_d, y)
+        self._check_finite(loss, i)
+        g_out = _grad(loss, out_d, create_graph=True)[0]
+        u = torch.zeros_like(out, requires_grad=True)
+        entry = {
+            "ps": ps,
+            "w": weight,
+            "out": out,
+            "out_d": out_d,
+            "g_out": g_out,
+            "u": u,
+            "jtu": _grad(out, ps, grad_outputs=u, create_graph=True),
+        }
+        if self.curvature == "ef" or self.fisher_type == "mc":
+            entry["res"] = self._batch_residuals(i, out_d, g_out)
+        return entry
+
+    @staticmethod
+    def _check_finite(loss: torch.Tensor, i: int) -> None:
+        if not torch.isfinite(loss):
+            raise NumericalError(f"the loss is {loss.item()} on batch {i}; check data and model")
+
+    def _batch_residuals(self, i: int, out: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
+        """[M, n, D] output-space gradient factors (true labels for EF, sampled for MC)."""
+        if self.curvature == "ef":
+            return (out.shape[0] * g_out.detach()).reshape(1, out.shape[0], -1)
+        return self._mc_residuals()[i]
+
+    def _mc_residuals(self) -> list[torch.Tensor]:
+        """Labels drawn once from the predictive (seeded), so the MC Fisher is a fixed matrix."""
+        if self._residuals is None:
+            gen = make_generator(self.seed, self.device)
+            self._residuals = []
+            for x, _ in self.batches:
+                with torch.no_grad():
+                    out = self._forward([p.detach() for p in self.params], x)
+                self._residuals.append(sample_residuals(self.kind, out, self.mc_samples, gen))
+        return self._residuals
+
+    # ------------------------------------------------------------------ products
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        cols = []
+        graphs = self._graphs()
+        for j in range(V.shape[1]):
+            vs = unflatten(V[:, j], self.params)
+            total = torch.zeros_like(V[:, 0])
+            for g in graphs:
+                total += g["w"] * flatten(self._graph_product(g, vs))
+            cols.append(total)
+        return torch.stack(cols, dim=1)
+
+    def _graph_product(self, g: dict, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if self.curvature == "hessian":
+            return _grad(g["grads"], g["ps"], grad_outputs=vs)
+        jv = _grad(g["jtu"], g["u"], grad_outputs=vs)[0]
+        if "res" in g:
+            n = jv.shape[0]
+            r = g["res"]
+            coeff = (r * jv.reshape(1, n, -1)).sum(-1, keepdim=True)
+            z = ((r * coeff).mean(0) / n).reshape(jv.shape)
+        else:
+            z = _grad(g["g_out"], g["out_d"], grad_outputs=jv)[0]
+        return _grad(g["out"], g["ps"], grad_outputs=z)
+
+    # ------------------------------------------------------------------ groups
+    def _all_data(self):
+        """All samples concatenated, with MC residuals as [M, N, D] when they apply."""
+        x = torch.cat([b[0] for b in self.batches])
+        y = torch.cat([b[1] for b in self.batches])
+        res = None
+        if self.fisher_type == "mc":
+            res = torch.cat(self._mc_residuals(), dim=1)
+        return x, y, res
+
+    def _group_fn(self, params: dict):
+        """f(x_g, y_g, r_g, v) -> curvature of the group's mean loss times v (flat).
+
+        Second derivatives are reverse-over-reverse: forward-over-reverse hits immutable
+        ZeroTensors in some losses' double backward (MSELoss) under torch.func.
+        """
+        names = self.param_names
+        primals = tuple(params[n] for n in names)
+
+        def model_fn(ps, x):
+            return self._forward(ps, x)
+
+        def product(x, y, r, v):
+            vs = tuple(unflatten(v, self.params))
+            if self.curvature == "hessian":
+
+                def directional(ps):  # v^T grad L(ps); its gradient is H v
+                    g = grad(lambda q: self.loss_fn(model_fn(q, x), y))(ps)
+                    return sum((gi * vi).sum() for gi, vi in zip(g, vs))
+
+                return flatten(grad(directional)(primals))
+            out, jv = jvp(lambda ps: model_fn(ps, x), (primals,), (vs,))
+            n = out.shape[0]
+            if self.curvature == "ggn" or (self.curvature == "fisher" and r is None):
+                z = grad(lambda o: (grad(lambda q: self.loss_fn(q, y))(o) * jv).sum())(out)
+            else:
+                if self.curvature == "ef":
+                    r = (n * grad(lambda o: self.loss_fn(o, y))(out)).reshape(1, n, -1)
+                coeff = (r * jv.reshape(1, n, -1)).sum(-1, keepdim=True)
+                z = ((r * coeff).mean(0) / n).reshape(out.shape)
+            _, pullback = vjp(lambda ps: model_fn(ps, x), primals)
+            return flatten(pullback(z)[0])
+
+        return product
+
+    def _group_matvecs(self, v: torch.Tensor, group_size: int) -> torch.Tensor:
+        x, y, res = self._all_data()
+        n_groups = self.local_num_samples // group_size
+        used = n_groups * group_size
+        xg = x[:used].reshape(n_groups, group_size, *x.shape[1:])
+        yg = y[:used].reshape(n_groups, group_size, *y.shape[1:])
+        rg = None
+        if res is not None:  # [M, N, D] -> [G, M, B, D]
+            rg = res[:, :used].reshape(res.shape[0], n_groups, group_size, -1).transpose(0, 1)
+        params = {n: p.detach() for n, p in zip(self.param_names, self.params)}
+        fn = self._group_fn(params)
+        return self._map_groups(fn, xg, yg, rg, v)
+
+    def _map_groups(self, fn, xg, yg, rg, v) -> torch.Tensor:
+        if self.vectorize is not False:
+            try:
+                in_dims = (0, 0, None if rg is None else 0, None)
+                batched = vmap(fn, in_dims=in_dims, chunk_size=self.chunk_size)
+                return batched(xg, yg, rg, v)
+            except Exception as exc:  # vmap cannot trace this model (BatchNorm, dropout...)
+                if self.vectorize:
+                    raise UnsupportedModelError(
+                        f"torch.func.vmap cannot vectorize this model ({exc}); use vectorize=False"
+                    ) from exc
+                warnings.warn(
+                    f"vmap failed ({type(exc).__name__}: {exc}); looping over groups instead",
+                    CurvlabWarning,
+                    stacklevel=3,
+                )
+        rows = [fn(xg[i], yg[i], None if rg is None else rg[i], v) for i in range(xg.shape[0])]
+        return torch.stack(rows)
+
+    def per_sample_gradients(self) -> torch.Tensor:
+        """[N, P]: gradients of each sample's loss (their mean is the full gradient)."""
+        x, y, _ = self._all_data()
+        primals = tuple(p.detach() for p in self.params)
+
+        def sample_grad(xi, yi):
+            def loss_of(ps):
+                return self.loss_fn(self._forward(ps, xi[None]), yi[None])
+
+            return flatten(grad(loss_of)(primals))
+
+        if self.vectorize is not False:
+            try:
+                return vmap(sample_grad, chunk_size=self.chunk_size)(x, y)
+            except Exception:
+                if self.vectorize:
+                    raise
+        return torch.stack([sample_grad(x[i], y[i]) for i in range(x.shape[0])])

@@ -1,0 +1,252 @@
+"""The :class:`CurvatureEstimator` base class: one interface over every backend.
+
+Backends implement ``_matvec`` (and optionally ``_group_matvecs``, ``_diagonal``); the
+core implements the spectral algorithms, traces, densities and noise estimates once, on
+top of ``matvec``. Products are averages over all samples the estimator holds (over all
+ranks under ``torch.distributed``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from curvlab import distributed as dist
+from curvlab._params import as_batches, resolve_params
+from curvlab._random import Seed
+from curvlab.errors import InvalidInputError, NumericalError, UnsupportedCapabilityError
+from curvlab.results import Eigenpairs, Estimate, NoiseEstimate, SpectralDensity
+
+CURVATURES = ("hessian", "ggn", "fisher", "ef")
+DEFAULT_MAX_DENSE_PARAMS = 20_000
+
+
+class CurvatureEstimator(abc.ABC):
+    """Curvature of ``loss_fn(model(x), y)`` over ``data`` as a matrix-free operator.
+
+    Parameters
+    ----------
+    model : the user's module; left as found (mode, hooks, parameters, ``.grad``).
+    loss_fn : ``loss_fn(model(x), y)`` returns a scalar averaged over the samples.
+    data : one (x, y) batch or an iterable of batches; products average over all samples.
+    curvature : "hessian" | "ggn" | "fisher" | "ef" (see ``supported_curvatures``).
+    params : parameters to differentiate; default those with ``requires_grad``.
+    distributed : reduce over ``torch.distributed`` ranks (default: when initialised).
+    """
+
+    backend: ClassVar[str] = "abstract"
+    supported_curvatures: ClassVar[frozenset[str]] = frozenset()
+    base_capabilities: ClassVar[frozenset[str]] = frozenset({"matvec"})
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn,
+        data,
+        curvature: str = "hessian",
+        params: Iterable[torch.Tensor] | None = None,
+        *,
+        distributed: bool | None = None,
+    ):
+        if curvature not in CURVATURES:
+            raise InvalidInputError(
+                f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}"
+            )
+        if curvature not in self.supported_curvatures:
+            raise UnsupportedCapabilityError(
+                f"backend {self.backend!r} does not provide curvature {curvature!r} "
+                f"(it provides {sorted(self.supported_curvatures)}); see curvlab.backends()"
+            )
+        if not callable(loss_fn):
+            raise InvalidInputError("loss_fn must be callable as loss_fn(model(x), y)")
+        self.model = model
+        self.loss_fn = loss_fn
+        self.curvature = curvature
+        self.params, self.param_names = resolve_params(model, params)
+        self.num_params = sum(p.numel() for p in self.params)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.batches = as_batches(data, self.device)
+        self.local_num_samples = sum(int(x.shape[0]) for x, _ in self.batches)
+        self.distributed = dist.is_distributed() if distributed is None else bool(distributed)
+        self.num_samples = int(
+            dist.all_reduce_scalars(self.local_num_samples)[0]
+            if self.distributed
+            else self.local_num_samples
+        )
+        self.n_matvecs = 0
+
+    # ------------------------------------------------------------------ contract
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return self.base_capabilities
+
+    @abc.abstractmethod
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """[P, k] -> [P, k]: curvature averaged over this process's samples times V."""
+
+    def _group_matvecs(self, v: torch.Tensor, group_size: int) -> torch.Tensor:
+        raise UnsupportedCapabilityError(
+            f"backend {self.backend!r} cannot form per-group products; use 'autograd'"
+        )
+
+    def _diagonal(self) -> torch.Tensor:
+        raise UnsupportedCapabilityError(f"backend {self.backend!r} has no exact diagonal")
+
+    def release(self) -> None:
+        """Drop cached graphs and buffers (also happens when the estimator is collected)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(backend={self.backend!r}, curvature={self.curvature!r}, "
+            f"num_params={self.num_params}, num_samples={self.num_samples})"
+        )
+
+    # ------------------------------------------------------------------ products
+    def check_vector(self, v: torch.Tensor, *, allow_block: bool = True) -> torch.Tensor:
+        """Validate a [P] vector or [P, k] block against the parameters' size, dtype, device."""
+        if not isinstance(v, torch.Tensor):
+            raise InvalidInputError(f"expected a torch.Tensor, got {type(v).__name__}")
+        if v.ndim not in ((1, 2) if allow_block else (1,)) or v.shape[0] != self.num_params:
+            shape = f"[{self.num_params}]" + (f" or [{self.num_params}, k]" if allow_block else "")
+            raise InvalidInputError(f"expected a vector of shape {shape}, got {tuple(v.shape)}")
+        if v.dtype != self.dtype:
+            raise InvalidInputError(
+                f"vector dtype {v.dtype} differs from the parameters' {self.dtype}; "
+                f"use v.to({self.dtype})"
+            )
+        if v.device != self.device:
+            raise InvalidInputError(
+                f"vector is on {v.device} but the parameters are on {self.device}"
+            )
+        return v
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Curvature times ``v`` ([P] or [P, k]), averaged over all samples."""
+        self.check_vector(v)
+        block = v if v.ndim == 2 else v[:, None]
+        out = self._matvec(block)
+        if self.distributed:
+            out = dist.all_reduce_sum(out * self.local_num_samples) / self.num_samples
+        if not torch.isfinite(out).all():
+            raise NumericalError(
+                f"the {self.curvature} product is not finite; check the loss and the data"
+            )
+        self.n_matvecs += block.shape[1]
+        return out if v.ndim == 2 else out[:, 0]
+
+    __matmul__ = matvec
+
+    def group_matvecs(self, v: torch.Tensor, group_size: int = 1) -> torch.Tensor:
+        """[G, P]: curvature of each group of ``group_size`` consecutive samples times ``v``.
+
+        Groups partition this process's samples in data order; a remainder smaller than
+        ``group_size`` is dropped so all groups have equal size (G = N // group_size).
+        """
+        self.check_vector(v, allow_block=False)
+        if not isinstance(group_size, int) or group_size < 1:
+            raise InvalidInputError(f"group_size must be a positive int, got {group_size!r}")
+        if group_size > self.local_num_samples:
+            raise InvalidInputError(
+                f"group_size {group_size} exceeds the {self.local_num_samples} samples held"
+            )
+        out = self._group_matvecs(v, group_size)
+        self.n_matvecs += out.shape[0]
+        return out
+
+    def to_dense(
+        self, max_params: int = DEFAULT_MAX_DENSE_PARAMS, chunk: int = 256
+    ) -> torch.Tensor:
+        """The [P, P] curvature matrix, built column block by column block."""
+        if self.num_params > max_params:
+            gib = self.num_params**2 * torch.finfo(self.dtype).bits / 8 / 2**30
+            raise InvalidInputError(
+                f"to_dense would form a {self.num_params} x {self.num_params} matrix "
+                f"({gib:.1f} GiB) above max_params={max_params}; use matvec-based methods "
+                "or raise max_params"
+            )
+        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        cols = [self.matvec(eye[:, i : i + chunk]) for i in range(0, self.num_params, chunk)]
+        return torch.cat(cols, dim=1)
+
+    # ------------------------------------------------------------------ algorithms
+    def eigenpairs(
+        self,
+        k: int = 10,
+        which: str = "largest",
+        tol: float = 1e-6,
+        max_iter: int | None = None,
+        seed: Seed = 0,
+        **kwargs: Any,
+    ) -> Eigenpairs:
+        """Top/bottom-k eigenpairs by restarted Lanczos with full reorthogonalization."""
+        from curvlab.spectral.lanczos import eigenpairs
+
+        return eigenpairs(self, k=k, which=which, tol=tol, max_iter=max_iter, seed=seed, **kwargs)
+
+    def spectral_density(
+        self, n_probes: int = 10, n_steps: int = 80, seed: Seed = 0, **kwargs: Any
+    ) -> SpectralDensity:
+        """Stochastic Lanczos quadrature of the spectral density."""
+        from curvlab.spectral.slq import spectral_density
+
+        return spectral_density(self, n_probes=n_probes, n_steps=n_steps, seed=seed, **kwargs)
+
+    def trace(self, n_matvecs: int = 60, method: str = "hutch++", seed: Seed = 0) -> Estimate:
+        """Stochastic trace estimate with a standard error."""
+        from curvlab.spectral.trace import trace
+
+        return trace(self, n_matvecs=n_matvecs, method=method, seed=seed)
+
+    def trace_of_square(self, n_matvecs: int = 60, seed: Seed = 0) -> Estimate:
+        """Stochastic estimate of Tr H^2 = E||Hv||^2."""
+        from curvlab.spectral.trace import trace_of_square
+
+        return trace_of_square(self, n_matvecs=n_matvecs, seed=seed)
+
+    def diagonal(
+        self, method: str | None = None, n_matvecs: int = 100, seed: Seed = 0
+    ) -> torch.Tensor:
+        """The diagonal: exact where the backend can, else XDiag or Hutchinson."""
+        if method in (None, "exact") and "diagonal" in self.capabilities:
+            return self._diagonal()
+        if method == "exact":
+            raise UnsupportedCapabilityError(
+                f"backend {self.backend!r} has no exact diagonal; use method='xdiag' or "
+                "the 'backpack' backend"
+            )
+        from curvlab.spectral.diagonal import diagonal
+
+        return diagonal(self, method=method or "xdiag", n_matvecs=n_matvecs, seed=seed)
+
+    def noise_variance(
+        self,
+        batch_size: int = 128,
+        n_probes: int = 10,
+        method: str = "unbiased",
+        subsample: int | None = None,
+        seed: Seed = 0,
+        **kwargs: Any,
+    ) -> NoiseEstimate:
+        """Hessian noise variance P^-1 E||H_B - H||_F^2 for batches of ``batch_size``."""
+        from curvlab.noise import noise_variance
+
+        return noise_variance(
+            self,
+            batch_size=batch_size,
+            n_probes=n_probes,
+            method=method,
+            subsample=subsample,
+            seed=seed,
+            **kwargs,
+        )
