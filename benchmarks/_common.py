@@ -1,0 +1,73 @@
+"""Shared helpers for the benchmarks: timing, tables, a trained digits MLP."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int = 30
+) -> dict[str, float]:
+    """Median seconds per call, alternating the candidates so drift hits all equally."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    def fmt(cell):
+        if isinstance(cell, float):
+            return f"{cell:.3g}"
+        return str(cell)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def digits(n: int | None = None, dtype=torch.float64):
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data / 16.0, dtype=dtype)
+    y = torch.tensor(data.target)
+    return (x[:n], y[:n]) if n else (x, y)
+
+
+def trained_mlp(hidden: int = 128, steps: int = 200, dtype=torch.float64, seed: int = 0):
+    """A 64-hidden-10 tanh MLP trained briefly with Adam on digits."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10)).to(dtype)
+    x, y = digits(dtype=dtype)
+    loss_fn = nn.CrossEntropyLoss()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (128,), generator=gen)
+        opt.zero_grad()
+        loss_fn(model(x[idx]), y[idx]).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, loss_fn
