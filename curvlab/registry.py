@@ -87,7 +87,7 @@ register(
         requires=("backpack",),
         extra="backpack",
         install_hint=_pip_hint("backpack"),
-        curvatures=frozenset({"hessian", "ggn", "fisher"}),
+        curvatures=frozenset({"hessian", "ggn", "fisher", "ef"}),
         capabilities=frozenset(
             {
                 "matvec",
@@ -134,7 +134,7 @@ register(
         install_hint=(
             "kfac-pytorch is not on PyPI: install it from its source repository "
             "(gpauloski/kfac-pytorch); curvlab integrates with it through "
-            "LinearShrinkageDamper as KFACPreconditioner(damping=damper)"
+            "KFACPreconditioner(damping=curvlab.adapters.kfac_pytorch.damping_schedule(damper))"
         ),
         curvatures=frozenset(),
         capabilities=frozenset({"damping_callable"}),

@@ -1,0 +1,501 @@
+"""BackPACK 1.7 behind the curvlab interface (DESIGN.md section 5).
+
+BackPACK's ``extend()`` installs hooks that cannot be undone publicly, so the adapter never
+touches the user's module: it works on two private copies that share one set of weight
+tensors, refreshed from the user's parameters, buffers and train/eval flags whenever those
+change (an optimizer step), and it keeps the hook handles out of BackPACK's global list so
+another BackPACK user calling ``CTX.remove_hooks()`` cannot break it (laplace-torch #122).
+
+- ``_net``: plain copy for matrix-free products with ``backpack.hessianfree``
+  (``hessian_vector_product``, ``ggn_vector_product_from_plist``) on a graph cached per batch.
+- ``_ext``: extended copy (through BackPACK's converter for non-``Sequential`` models) for
+  the extensions: per-sample gradients (BatchGrad), diagonals (DiagHessian, DiagGGNExact,
+  DiagGGNMC and their Batch* variants), symmetric GGN factors (SqrtGGNExact/MC) and
+  Kronecker factors (KFAC, KFLR, KFRA).
+
+Conventions match the autograd reference: for a mean loss L = N^-1 sum_n l_n (batch b holds
+n_b samples), BackPACK's individual quantities of a batch are those of l_n / n_b, so they
+are scaled by n_b; products, diagonals and factors average over all batches with weights
+n_b / N. The type-2 Fisher equals the GGN for MSE/CE/BCE; ``fisher_type="mc"`` uses
+BackPACK's Monte-Carlo square root with labels drawn once from a seeded RNG (the user's
+global RNG state is left as found), so matvec, diagonal and per-sample products describe
+one fixed matrix.
+
+Per-sample products (``group_matvecs``) come from BackPACK's symmetric factorisation
+GGN_n = n_b sum_c s_cn s_cn^T (SqrtGGNExact; SqrtGGNMC for the MC Fisher; per-sample
+gradients for the empirical Fisher), cached as a [C, N, P] tensor, as are the MC Fisher's
+products; BackPACK has no per-sample Hessian products, so curvature "hessian" has none.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+
+import backpack as bp
+import torch
+from backpack import extensions as bpx
+from backpack.context import CTX
+from backpack.custom_module.graph_utils import BackpackTracer
+from backpack.hessianfree.ggnvp import ggn_vector_product_from_plist
+from backpack.hessianfree.hvp import hessian_vector_product
+from backpack.utils.module_classification import is_no_op
+from torch import nn
+
+from curvlab import distributed as dist
+from curvlab._params import flatten, unflatten
+from curvlab._random import Seed
+from curvlab.errors import (
+    InvalidInputError,
+    NumericalError,
+    UnsupportedCapabilityError,
+    UnsupportedModelError,
+)
+from curvlab.estimator import CurvatureEstimator
+
+from ._losses import SUPPORTED, check_reduction, check_scalar_mean_loss, loss_kind
+
+_ALTERNATIVE = "use backend 'autograd', which handles any differentiable model and loss"
+_DIAGONAL_KINDS = {
+    "ggn": bpx.BatchDiagGGNExact,
+    "ggn_mc": bpx.BatchDiagGGNMC,
+    "hessian": bpx.BatchDiagHessian,
+}
+_KRONECKER_KINDS = {"kfac": bpx.KFAC, "kflr": bpx.KFLR, "kfra": bpx.KFRA}
+
+
+def _is_plain_sequential(model: nn.Module) -> bool:
+    """A Sequential tree of leaf modules: BackPACK's hooks see every operation."""
+    return isinstance(model, nn.Sequential) and all(
+        isinstance(m, nn.Sequential) or not list(m.children()) for m in model.modules()
+    )
+
+
+def _strip_backpack_hooks(module: nn.Module) -> None:
+    """Remove hooks a user's own ``backpack.extend`` left on (a copy of) the model."""
+    for m in module.modules():
+        for hooks, fn in ((m._forward_hooks, bp.hook_store_io),
+                          (m._backward_hooks, bp.hook_run_extensions)):
+            for key in [k for k, h in hooks.items() if h is fn]:
+                del hooks[key]
+        m.__dict__.pop("_backpack_extend", None)
+
+
+def _op_name(target) -> str:
+    return getattr(target, "__name__", str(target))
+
+
+@contextmanager
+def _quiet():
+    """Silence the warning every BackPACK backward emits when the input needs no gradient."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+class BackpackEstimator(CurvatureEstimator):
+    """Curvature through BackPACK (see module docstring).
+
+    Extra options: ``fisher_type`` ("type-2", the GGN, or "mc"), ``mc_samples`` and ``seed``
+    for the Monte-Carlo quantities, ``use_converter`` (None: BackPACK's converter for every
+    model that is not a plain ``nn.Sequential``; True: always convert; False: extend the
+    copy's leaf modules as they are, which is right when every operation that curvature
+    flows through is a module call, e.g. a custom container whose only functional
+    operation scales the input).
+    """
+
+    backend = "backpack"
+    supported_curvatures = frozenset({"hessian", "ggn", "fisher", "ef"})
+    base_capabilities = frozenset(
+        {
+            "matvec",
+            "group_matvecs",
+            "diagonal",
+            "per_sample_gradients",
+            "per_sample_diagonal",
+            "kronecker_factors",
+        }
+    )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn,
+        data,
+        curvature: str = "hessian",
+        params=None,
+        *,
+        fisher_type: str = "type-2",
+        mc_samples: int = 1,
+        seed: Seed = 0,
+        use_converter: bool | None = None,
+        distributed: bool | None = None,
+    ):
+        super().__init__(model, loss_fn, data, curvature, params, distributed=distributed)
+        if fisher_type not in ("type-2", "mc"):
+            raise InvalidInputError(f"fisher_type must be 'type-2' or 'mc', got {fisher_type!r}")
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise InvalidInputError(f"mc_samples must be a positive int, got {mc_samples!r}")
+        self.kind = loss_kind(loss_fn)
+        if self.kind is None:
+            raise UnsupportedModelError(
+                f"BackPACK's second-order extensions support only {SUPPORTED} modules "
+                f"(no class weights, no label smoothing), got {type(loss_fn).__name__}; "
+                + _ALTERNATIVE
+            )
+        check_reduction(loss_fn)
+        self.fisher_type = fisher_type if curvature == "fisher" else None
+        self.mc_samples = mc_samples
+        self.seed = (
+            int(torch.randint(2**62, (1,), generator=seed, device=seed.device))
+            if isinstance(seed, torch.Generator)
+            else int(seed or 0)
+        )
+        self.use_converter = (
+            not _is_plain_sequential(model) if use_converter is None else bool(use_converter)
+        )
+        self._build_copies(model, loss_fn)
+        self._state = None
+        self._cache: dict = {}
+        self._sync()
+        self._check_loss()
+        self._check_supported(self._construction_extension())
+
+    # ------------------------------------------------------------------ private copies
+    def _build_copies(self, model: nn.Module, loss_fn) -> None:
+        memo: dict = {}
+        try:
+            net = copy.deepcopy(model, memo)
+            loss = copy.deepcopy(loss_fn)
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"BackPACK needs a private copy of the model, but copy.deepcopy failed ({exc}); "
+                + _ALTERNATIVE
+            ) from exc
+        _strip_backpack_hooks(net)
+        _strip_backpack_hooks(loss)
+        chosen = {id(memo[id(p)]) for p in self.params}
+        for p in net.parameters():
+            p.requires_grad_(id(p) in chosen)
+        shared = {id(t): t for t in (*net.parameters(), *net.buffers())}
+        ext = copy.deepcopy(net, shared)
+        ext_loss = copy.deepcopy(loss)
+        n_handles = len(CTX.hook_handles)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Encountered node that may break")
+            if self.use_converter:
+                try:
+                    ext = bp.extend(ext, use_converter=True)
+                except Exception as exc:
+                    raise UnsupportedModelError(
+                        f"BackPACK's converter cannot translate {type(model).__name__} into "
+                        f"modules ({type(exc).__name__}: {exc}); {_ALTERNATIVE}"
+                    ) from exc
+            else:
+                for m in ext.modules():
+                    if not list(m.children()):
+                        bp.extend(m)
+            bp.extend(ext_loss)
+        del CTX.hook_handles[n_handles:]  # our hooks live and die with our private copies
+        if self.use_converter:
+            self._check_graph(ext, model)
+        self._net, self._loss, self._ext, self._ext_loss = net, loss, ext, ext_loss
+        self._copies = [memo[id(p)] for p in self.params]
+        ext_ids = {id(p) for p in ext.parameters()}
+        lost = [n for n, p in zip(self.param_names, self._copies) if id(p) not in ext_ids]
+        if lost:
+            raise UnsupportedModelError(
+                f"BackPACK's converter dropped {', '.join(lost)} (parameters the forward does "
+                f"not use are removed); pass params= without them, or {_ALTERNATIVE}"
+            )
+        self._tensor_pairs = [
+            (t, memo[id(t)]) for t in (*model.parameters(), *model.buffers())
+        ]
+        self._module_pairs = [
+            (m, [memo[id(m)], shared[id(memo[id(m)])]]) for m in model.modules()
+        ]
+
+    @staticmethod
+    def _check_graph(ext: nn.Module, model: nn.Module) -> None:
+        """After conversion every operation must be a module call BackPACK can see."""
+        graph = BackpackTracer().trace(ext)
+        bad = [
+            f"{n.op} {_op_name(n.target)}"
+            for n in graph.nodes
+            if n.op not in ("call_module", "placeholder", "output")
+        ]
+        if bad:
+            raise UnsupportedModelError(
+                f"BackPACK cannot see the operations {', '.join(bad)} in the forward of "
+                f"{type(model).__name__} (only module calls, additions and scalings pass its "
+                f"converter): write them as modules (e.g. nn.Tanh) or {_ALTERNATIVE}"
+            )
+
+    def _sync(self) -> None:
+        """Copy the user's weights, buffers and modes into the private copies if they changed."""
+        state = (
+            tuple(t._version for t, _ in self._tensor_pairs),
+            tuple(m.training for m, _ in self._module_pairs),
+        )
+        if state == self._state:
+            return
+        with torch.no_grad():
+            for src, dst in self._tensor_pairs:
+                dst.copy_(src)
+        for m, copies in self._module_pairs:
+            for c in copies:
+                c.training = m.training
+        self._state = state
+        self._cache = {}
+
+    def _check_loss(self) -> None:
+        x, y = self.batches[0]
+        with torch.no_grad():
+            out = self._net(x)
+            loss = check_scalar_mean_loss(self._loss, out, y)
+        if not torch.isfinite(loss):
+            raise NumericalError(
+                f"the loss is {loss.item()} on the first batch; check data and model"
+            )
+        if self.kind == "bce" and out[0].numel() != 1:
+            raise UnsupportedModelError(
+                "BackPACK supports BCEWithLogitsLoss only with one output per sample, got "
+                f"{out[0].numel()}; {_ALTERNATIVE}"
+            )
+
+    def _construction_extension(self):
+        if self.curvature == "hessian":
+            return bpx.DiagHessian()
+        if self.curvature == "ef":
+            return bpx.BatchGrad()
+        return bpx.DiagGGNExact()
+
+    def _check_supported(self, extension) -> None:
+        """Refuse modules the extension has no rule for, and train-mode BatchNorm."""
+        table = extension._BackpropExtension__module_extensions
+        second_order = extension.expects_backpropagation_quantities()
+        name = type(extension).__name__
+        chosen = {id(p) for p in self._copies}
+        for path, m in [*self._ext.named_modules(), ("loss", self._ext_loss)]:
+            if is_no_op(m) or list(m.children()):  # containers carry no hooks
+                continue
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                raise UnsupportedModelError(
+                    f"BackPACK cannot handle BatchNorm in training mode ('{path}' mixes the "
+                    "samples of a batch): call model.eval() first, or " + _ALTERNATIVE
+                )
+            has_params = any(id(p) in chosen for p in m.parameters(recurse=False))
+            if (second_order or has_params) and type(m) not in table:
+                raise UnsupportedModelError(
+                    f"BackPACK's {name} does not support module '{path}' "
+                    f"({type(m).__name__}); {_ALTERNATIVE}"
+                )
+
+    # ------------------------------------------------------------------ extension passes
+    @contextmanager
+    def _rng(self):
+        """A seeded global RNG for BackPACK's sampling; the user's RNG state is restored."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            yield
+
+    def _run(self, make_extension) -> list[tuple[int, list[torch.Tensor | None]]]:
+        """One backward pass per batch with a fresh extension: [(n_b, per-parameter values)]."""
+        self._sync()
+        self._check_supported(make_extension())
+        results = []
+        with self._rng(), _quiet():
+            for x, y in self.batches:
+                extension = make_extension()
+                try:
+                    with bp.backpack(extension):
+                        self._ext_loss(self._ext(x), y).backward()
+                except (NotImplementedError, AssertionError) as exc:
+                    raise UnsupportedModelError(
+                        f"BackPACK's {type(extension).__name__} failed on this model ({exc}); "
+                        + _ALTERNATIVE
+                    ) from exc
+                finally:
+                    values = [p.__dict__.pop(extension.savefield, None) for p in self._copies]
+                    for p in self._copies:
+                        p.grad = None
+                results.append((x.shape[0], values))
+        return results
+
+    def _flat(self, values: list[torch.Tensor | None], lead: tuple[int, ...]) -> torch.Tensor:
+        """Per-parameter values with leading dims ``lead`` -> [*lead, P] (zeros where unused)."""
+        parts = [
+            torch.zeros(*lead, p.numel(), dtype=self.dtype, device=self.device)
+            if v is None
+            else v.reshape(*lead, -1)
+            for v, p in zip(values, self.params)
+        ]
+        return torch.cat(parts, dim=-1)
+
+    def _average(self, parts: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """sum_b (n_b / N) t_b over batches (and ranks)."""
+        total = sum(n * t for n, t in parts)
+        if self.distributed:
+            return dist.all_reduce_sum(total) / self.num_samples
+        return total / self.local_num_samples
+
+    def _per_sample(self, make_extension) -> torch.Tensor:
+        """[N_local, P]: BackPACK's individual quantity of l_n / n_b, scaled by n_b."""
+        return torch.cat(
+            [n * self._flat(values, (n,)) for n, values in self._run(make_extension)]
+        )
+
+    def _sqrt_factors(self) -> list[tuple[int, torch.Tensor]]:
+        """Cached [(n_b, S_b [M, n_b, P])] with batch-mean curvature sum_{m,n} s s^T."""
+        self._sync()
+        if "sqrt" not in self._cache:
+            mc = self.fisher_type == "mc"
+            make = (lambda: bpx.SqrtGGNMC(self.mc_samples)) if mc else bpx.SqrtGGNExact
+            factors = []
+            for n, values in self._run(make):
+                m = next(v.shape[0] for v in values if v is not None)
+                factors.append((n, self._flat(values, (m, n))))
+            self._cache["sqrt"] = factors
+        return self._cache["sqrt"]
+
+    def _gradients(self) -> torch.Tensor:
+        self._sync()
+        if "grads" not in self._cache:
+            self._cache["grads"] = self.per_sample_gradients()
+        return self._cache["grads"]
+
+    # ------------------------------------------------------------------ public extras
+    def per_sample_gradients(self) -> torch.Tensor:
+        """[N_local, P]: gradients of each sample's loss l_n (their mean is the gradient)."""
+        return self._per_sample(bpx.BatchGrad)
+
+    def per_sample_diagonal(self, kind: str = "ggn") -> torch.Tensor:
+        """[N_local, P]: diagonal of each sample's "ggn", "ggn_mc" or "hessian" of l_n.
+
+        Their mean is the diagonal of the mean loss's curvature. "ggn_mc" draws
+        ``mc_samples`` labels per sample from the seeded predictive.
+        """
+        if kind not in _DIAGONAL_KINDS:
+            raise InvalidInputError(
+                f"kind must be one of {', '.join(_DIAGONAL_KINDS)}, got {kind!r}"
+            )
+        cls = _DIAGONAL_KINDS[kind]
+        make = (lambda: cls(self.mc_samples)) if kind == "ggn_mc" else cls
+        return self._per_sample(make)
+
+    def kronecker_factors(self, kind: str = "kfac") -> dict[str, list[torch.Tensor]]:
+        """Per-parameter Kronecker factors from BackPACK's KFAC (MC), KFLR or KFRA.
+
+        ``{name: [G, A]}`` for weights (kron(G, A) approximates the curvature block of the
+        row-major flattened weight) and ``{name: [G]}`` for biases. With several batches each
+        factor is the n_b/N-weighted average of the batches' factors (the usual KFAC
+        expectation approximation; Kronecker products themselves do not add up).
+        BackPACK builds MSELoss's summed output Hessian (KFLR, KFRA) in float32, so those
+        factors carry float32 rounding; they are returned in the parameters' dtype.
+        """
+        if kind not in _KRONECKER_KINDS:
+            raise InvalidInputError(
+                f"kind must be one of {', '.join(_KRONECKER_KINDS)}, got {kind!r}"
+            )
+        cls = _KRONECKER_KINDS[kind]
+        make = (lambda: cls(self.mc_samples)) if kind == "kfac" else cls
+        runs = self._run(make)
+        out = {}
+        for i, name in enumerate(self.param_names):
+            if runs[0][1][i] is None:
+                continue
+            n_factors = len(runs[0][1][i])
+            out[name] = [
+                self._average([(n, values[i][j].to(self.dtype)) for n, values in runs])
+                for j in range(n_factors)
+            ]
+        return out
+
+    # ------------------------------------------------------------------ contract
+    @property
+    def capabilities(self) -> frozenset[str]:
+        if self.curvature == "hessian":
+            return self.base_capabilities - {"group_matvecs"}
+        return self.base_capabilities
+
+    def release(self) -> None:
+        self._cache = {}
+
+    def _graphs(self) -> list[tuple[float, torch.Tensor, torch.Tensor, tuple | None]]:
+        """Cached per-batch (weight, loss, output, gradients) on the plain private copy."""
+        self._sync()
+        if "graphs" not in self._cache:
+            graphs = []
+            for x, y in self.batches:
+                out = self._net(x)
+                loss = self._loss(out, y)
+                grads = None
+                if self.curvature == "hessian":
+                    grads = torch.autograd.grad(
+                        loss, self._copies, create_graph=True, materialize_grads=True
+                    )
+                graphs.append((x.shape[0] / self.local_num_samples, loss, out, grads))
+            self._cache["graphs"] = graphs
+        return self._cache["graphs"]
+
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        if self.curvature == "ef":
+            g = self._gradients()
+            return g.T @ (g @ V) / self.local_num_samples
+        if self.fisher_type == "mc":
+            return sum(
+                (n / self.local_num_samples) * s.reshape(-1, s.shape[-1]).T
+                @ (s.reshape(-1, s.shape[-1]) @ V)
+                for n, s in self._sqrt_factors()
+            )
+        graphs = self._graphs()
+        cols = []
+        for j in range(V.shape[1]):
+            vs = unflatten(V[:, j], self.params)
+            total = None
+            for w, loss, out, grads in graphs:
+                if grads is None:
+                    prod = ggn_vector_product_from_plist(loss, out, self._copies, vs)
+                else:
+                    prod = hessian_vector_product(loss, self._copies, vs, grad_params=grads)
+                prod = flatten(prod)
+                if len(graphs) == 1:
+                    total = prod
+                elif total is None:
+                    total = w * prod
+                else:
+                    total.add_(prod, alpha=w)
+            cols.append(total)
+        return cols[0][:, None] if len(cols) == 1 else torch.stack(cols, dim=1)
+
+    def _group_matvecs(self, v: torch.Tensor, group_size: int) -> torch.Tensor:
+        if self.curvature == "hessian":
+            raise UnsupportedCapabilityError(
+                "BackPACK has no per-sample Hessian products (only per-sample Hessian "
+                "diagonals); use backend 'autograd', or curvature='ggn'"
+            )
+        if self.curvature == "ef":
+            g = self._gradients()
+            rows = g * (g @ v)[:, None]
+        else:
+            rows = torch.cat(
+                [n * torch.einsum("mnp,mn->np", s, s @ v) for n, s in self._sqrt_factors()]
+            )
+        n_groups = self.local_num_samples // group_size
+        used = rows[: n_groups * group_size]
+        return used.reshape(n_groups, group_size, -1).mean(dim=1)
+
+    def _diagonal(self) -> torch.Tensor:
+        if self.curvature == "ef":
+            runs = self._run(bpx.SumGradSquared)
+            return self._average([(n, n * self._flat(values, ())) for n, values in runs])
+        if self.curvature == "hessian":
+            make = bpx.DiagHessian
+        elif self.fisher_type == "mc":
+            def make():
+                return bpx.DiagGGNMC(self.mc_samples)
+        else:
+            make = bpx.DiagGGNExact
+        return self._average([(n, self._flat(values, ())) for n, values in self._run(make)])

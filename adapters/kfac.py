@@ -1,0 +1,604 @@
+"""The ``kfac`` backend: curvlinops' KFAC and EKFAC behind the curvlab interface.
+
+KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for Conv2d) approximates each layer's
+block of the GGN/Fisher by a Kronecker product. For a Linear/Conv2d layer with weight W
+[d_out, d_in] (Conv2d: d_in = c_in*kh*kw) flattened row-major, as curvlab's flat vectors are,
+
+    K_layer = G (x) A,   A = (1/N) sum_n a_n a_n^T,   G = (1/N) sum_n s_n s_n^T
+
+with a_n the layer inputs (patches) and s_n the per-sample backpropagated output-Hessian
+square roots (type-2), sampled-label gradients (MC) or true-label gradients (empirical).
+By default the bias joins the weight ([W | b] with a~ = [a, 1], Martens & Grosse 2015 sec. 3),
+so KFAC is exact for a single Linear layer under MSELoss; ``separate_weight_and_bias=True``
+gives the bias its own block G. EKFAC (George et al. 2018) keeps the eigenbasis
+Q_G (x) Q_A and replaces the eigenvalues by the data's second moments in that basis.
+
+Everything spectral comes from the factors' eigendecompositions A = Q_A diag(l_A) Q_A^T,
+G = Q_G diag(l_G) Q_G^T (computed once, counted in ``n_factorizations``; DESIGN.md sec. 4):
+eigenvalues outer(l_G, l_A), trace tr(G) tr(A), log-determinants, and damped inverses
+
+    exact:     (G (x) A + delta I)^-1 = (Q_G (x) Q_A) diag(1/(l_G l_A^T + delta)) (Q_G (x) Q_A)^T
+    heuristic: (G + sqrt(delta)/pi I)^-1 (x) (A + pi sqrt(delta) I)^-1,
+               pi = sqrt((tr A / dim A) / (tr G / dim G))   (Martens & Grosse 2015 sec. 6.3)
+
+so a new delta costs no refactorization. A bias block on its own uses (G + delta I)^-1 in
+both modes (as curvlinops does).
+
+Conventions match curvlab's (mean-reduced losses; ``curvature="ggn"``/``"fisher"`` equal
+the autograd backend's where KFAC is exact). curvlinops scales the empirical Fisher of
+MSELoss/BCEWithLogitsLoss by the output size C relative to (1/N) sum_n g_n g_n^T; this
+adapter divides it back out.
+
+The factor computation runs the user's model with curvlinops' temporary hooks; hooks are
+removed and buffers (BatchNorm statistics) restored even when it fails, ``.grad`` is never
+written, and the train/eval mode is left alone. :func:`kronecker_factors` and
+:func:`precondition` are shared with :class:`curvlab.optim.KFAC`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from curvlab._params import flatten, unflatten
+from curvlab._random import Seed
+from curvlab.errors import (
+    InvalidInputError,
+    NumericalError,
+    UnsupportedCapabilityError,
+    UnsupportedModelError,
+)
+from curvlab.estimator import CurvatureEstimator
+
+from ._losses import SUPPORTED, check_reduction, loss_kind
+
+FISHER_TYPES = ("type-2", "mc", "empirical")
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+def _curvlinops():
+    with warnings.catch_warnings():  # einops' torch.jit.script FutureWarning on import
+        warnings.simplefilter("ignore", FutureWarning)
+        import curvlinops
+    return curvlinops
+
+
+# ---------------------------------------------------------------------- layers and blocks
+@dataclass(frozen=True)
+class KroneckerBlock:
+    """One Kronecker block: ``kind`` is "joint" ([W | b], factor A of size d_in + 1),
+    "weight" (G (x) A) or "bias" (G); ``weight``/``bias`` index the parameter list."""
+
+    layer: str
+    kind: str
+    weight: int | None
+    bias: int | None
+
+
+@dataclass(frozen=True)
+class LayerEigen:
+    """Eigendecompositions of one layer's factors (``evals_A``/``evecs_A`` None without a
+    weight); ``corrected`` holds EKFAC's eigenvalues per block kind, None for KFAC."""
+
+    evals_A: torch.Tensor | None
+    evecs_A: torch.Tensor | None
+    evals_G: torch.Tensor
+    evecs_G: torch.Tensor
+    corrected: dict[str, torch.Tensor] | None = None
+
+
+def split_params(model: nn.Module, names: Sequence[str]) -> tuple[list[int], list[str]]:
+    """Indices of parameters that are the weight/bias of a Linear or Conv2d, and the
+    descriptions ("name (Module)") of all others."""
+    kfac, other = [], []
+    for i, name in enumerate(names):
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and attr in ("weight", "bias"):
+            if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+                other.append(f"{name} (Conv2d with padding_mode={module.padding_mode!r})")
+                continue
+            kfac.append(i)
+        else:
+            other.append(f"{name} ({type(module).__name__})")
+    return kfac, other
+
+
+def layer_blocks(mapping: dict[str, dict[str, int]], separate: bool) -> list[KroneckerBlock]:
+    """Blocks from curvlinops' {layer: {"weight": i, "bias": j}} parameter mapping."""
+    blocks = []
+    for layer, pos in mapping.items():
+        w, b = pos.get("weight"), pos.get("bias")
+        if w is not None and b is not None and not separate:
+            blocks.append(KroneckerBlock(layer, "joint", w, b))
+            continue
+        if w is not None:
+            blocks.append(KroneckerBlock(layer, "weight", w, None))
+        if b is not None:
+            blocks.append(KroneckerBlock(layer, "bias", None, b))
+    return blocks
+
+
+def kfac_blocks(
+    model: nn.Module, params: Sequence[torch.Tensor], separate_weight_and_bias: bool = False
+) -> list[KroneckerBlock]:
+    """The Kronecker blocks of ``params`` (all Linear/Conv2d weights or biases)."""
+    mapping = _curvlinops().KFACLinearOperator.compute_parameter_mapping(list(params), model)
+    return layer_blocks(mapping, separate_weight_and_bias)
+
+
+# ---------------------------------------------------------------------- factor computation
+@contextmanager
+def leave_model_as_found(model: nn.Module) -> Iterator[None]:
+    """Remove hooks added inside the block and restore buffers it changed, even on error."""
+    hooks = [(m, {k: set(getattr(m, k, {})) for k in _HOOK_DICTS}) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, saved in hooks:
+            for attr, keys in saved.items():
+                table = getattr(m, attr, None)
+                for key in [k for k in (table or {}) if k not in keys]:
+                    del table[key]
+        with torch.no_grad():
+            for b, value in buffers:  # BatchNorm updates its statistics without a version bump
+                if not torch.equal(b, value):
+                    b.copy_(value)
+
+
+@dataclass
+class KroneckerFactors:
+    """Factors of one computation: ``factors[layer] = (A or None, G)``, already in curvlab's
+    convention; ``scale`` multiplies the curvlinops ``operator``'s products to match it."""
+
+    operator: object
+    blocks: list[KroneckerBlock]
+    factors: dict[str, tuple[torch.Tensor | None, torch.Tensor]]
+    scale: float
+    eigen: dict[str, LayerEigen] | None = None  # EKFAC only
+    n_factorizations: int = 0
+
+
+def kronecker_factors(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    params: Sequence[torch.Tensor],
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    fisher_type: str = "type-2",
+    mc_samples: int = 1,
+    seed: int = 0,
+    kfac_approx: str = "expand",
+    separate_weight_and_bias: bool = False,
+    ekfac: bool = False,
+) -> KroneckerFactors:
+    """KFAC (or EKFAC) factors of ``loss_fn(model(x), y)`` over ``batches`` via curvlinops.
+
+    ``params`` must all be weights/biases of Linear/Conv2d layers (see :func:`split_params`).
+    Block and factor indices refer to positions in ``params``.
+    """
+    cl = _curvlinops()
+    cls = cl.EKFACLinearOperator if ekfac else cl.KFACLinearOperator
+    num_data = sum(int(x.shape[0]) for x, _ in batches)
+    with leave_model_as_found(model):
+        try:
+            mapping = cls.compute_parameter_mapping(list(params), model)
+            op = cls(
+                model,
+                loss_fn,
+                list(params),
+                list(batches),
+                progressbar=False,
+                check_deterministic=False,
+                seed=int(seed),
+                fisher_type=fisher_type,
+                mc_samples=mc_samples,
+                kfac_approx=kfac_approx,
+                separate_weight_and_bias=separate_weight_and_bias,
+                num_data=num_data,
+            )
+            op.compute_kronecker_factors()
+            state = op.state_dict()
+            A_all, G_all = state["input_covariances"], state["gradient_covariances"]
+            raw = {layer: (A_all.get(layer), G_all.get(layer)) for layer in mapping}
+            if ekfac:  # EKFAC's eigenvalue correction consumes the factors: keep copies
+                raw = {k: tuple(_clone(f) for f in af) for k, af in raw.items()}
+                op.compute_eigenvalue_correction()
+        except (ValueError, NotImplementedError, KeyError) as exc:
+            raise UnsupportedModelError(
+                f"curvlinops could not compute KFAC factors for this model/loss ({exc}); "
+                "KFAC needs Linear/Conv2d layers called through their forward and [N, C] "
+                "outputs; use the 'autograd' or 'backpack' backend"
+            ) from exc
+    blocks = layer_blocks(mapping, separate_weight_and_bias)
+    missing = [layer for layer, (a, g) in raw.items() if g is None]
+    if missing:
+        raise UnsupportedModelError(
+            f"layer(s) {', '.join(missing)} were not called through their forward during the "
+            "model's forward pass, so KFAC cannot see them; use the 'autograd' backend"
+        )
+    scale = 1.0
+    kind = loss_kind(loss_fn)
+    if fisher_type == "empirical" and kind in ("mse", "bce"):
+        scale = 1.0 / int(batches[0][1].shape[-1])
+    factors = {layer: (a, g * scale) for layer, (a, g) in raw.items()}
+    result = KroneckerFactors(op, blocks, factors, scale)
+    if ekfac:
+        result.eigen = _ekfac_eigen(op, blocks, factors, scale)
+        result.n_factorizations = _count_factors(factors)
+    return result
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.clone()
+
+
+def _count_factors(factors: dict) -> int:
+    return sum(int(a is not None) + 1 for a, _ in factors.values())
+
+
+def _ekfac_eigen(op, blocks, factors, scale) -> dict[str, LayerEigen]:
+    """curvlinops' EKFAC eigenbasis with its corrected eigenvalues, per layer."""
+    state = op.state_dict()
+    vec_A = state["input_covariances_eigenvectors"]
+    vec_G = state["gradient_covariances_eigenvectors"]
+    corrected = state["corrected_eigenvalues"]
+    out = {}
+    for layer, (A, G) in factors.items():
+        qa, qg = vec_A.get(layer), vec_G[layer]
+        per_block = {}
+        for block in (b for b in blocks if b.layer == layer):
+            c = corrected[layer]
+            if block.kind != "joint":
+                c = c[block.weight if block.kind == "weight" else block.bias]
+            per_block[block.kind] = (c if c.ndim == 2 else c[:, None]) * scale
+        out[layer] = LayerEigen(
+            evals_A=None if qa is None else torch.einsum("ij,ik,kj->j", qa, A, qa),
+            evecs_A=qa,
+            evals_G=torch.einsum("ij,ik,kj->j", qg, G, qg),
+            evecs_G=qg,
+            corrected=per_block,
+        )
+    return out
+
+
+def _eigh(M: torch.Tensor):
+    """eigh of the symmetrized factor, retried in float64 when LAPACK does not converge
+    (float32 factors of zero-padded inputs have clusters of equal eigenvalues)."""
+    M = (M + M.T) / 2
+    try:
+        return torch.linalg.eigh(M)
+    except torch.linalg.LinAlgError:
+        values, vectors = torch.linalg.eigh(M.double())
+        return torch.return_types.linalg_eigh((values.to(M.dtype), vectors.to(M.dtype)))
+
+
+def eigendecompose(A: torch.Tensor | None, G: torch.Tensor) -> LayerEigen:
+    """eigh of each factor; eigenvalues clamped at 0 (the factors are PSD)."""
+    eA = None if A is None else _eigh(A)
+    eG = _eigh(G)
+    return LayerEigen(
+        evals_A=None if eA is None else eA.eigenvalues.clamp_min(0),
+        evecs_A=None if eA is None else eA.eigenvectors,
+        evals_G=eG.eigenvalues.clamp_min(0),
+        evecs_G=eG.eigenvectors,
+    )
+
+
+# ---------------------------------------------------------------------- block arithmetic
+def _input_evals(block: KroneckerBlock, eig: LayerEigen) -> torch.Tensor:
+    return eig.evals_A if block.kind != "bias" else eig.evals_G.new_ones(1)
+
+
+def block_eigenvalues(block: KroneckerBlock, eig: LayerEigen) -> torch.Tensor:
+    """[d_out, d_in'] eigenvalues of the block in the basis Q_G (x) Q_A."""
+    if eig.corrected is not None:
+        return eig.corrected[block.kind]
+    return torch.outer(eig.evals_G, _input_evals(block, eig))
+
+
+def exact_inverse(delta: float) -> Callable[[KroneckerBlock, LayerEigen], torch.Tensor]:
+    """Eigenvalue map of (K + delta I)^-1."""
+    return lambda block, eig: 1.0 / (block_eigenvalues(block, eig) + delta)
+
+
+def heuristic_inverse(
+    delta: float, min_damping: float = 1e-8
+) -> Callable[[KroneckerBlock, LayerEigen], torch.Tensor]:
+    """Eigenvalue map of (G + sqrt(delta)/pi I)^-1 (x) (A + pi sqrt(delta) I)^-1."""
+
+    def scaling(block: KroneckerBlock, eig: LayerEigen) -> torch.Tensor:
+        if eig.corrected is not None:
+            raise UnsupportedCapabilityError(
+                "heuristic (pi) damping needs separate Kronecker factors; EKFAC supports "
+                "exact damping only: use heuristic=False"
+            )
+        lam_A, lam_G = _input_evals(block, eig), eig.evals_G
+        d_A = d_G = delta
+        mean_A, mean_G = float(lam_A.mean()), float(lam_G.mean())
+        if block.kind != "bias" and mean_A >= 0 and mean_G > 0:
+            pi = math.sqrt(mean_A / mean_G)
+            d_A = max(pi * math.sqrt(delta), min_damping)
+            d_G = max(math.sqrt(delta) / pi, min_damping)
+        elif block.kind == "bias":
+            d_A = 0.0  # a lone bias block: (G + delta I)^-1
+        return 1.0 / torch.outer(lam_G + d_G, lam_A + d_A)
+
+    return scaling
+
+
+def precondition(
+    blocks: Sequence[KroneckerBlock],
+    eigen: dict[str, LayerEigen],
+    tensors: Sequence[torch.Tensor],
+    scaling: Callable[[KroneckerBlock, LayerEigen], torch.Tensor],
+) -> list[torch.Tensor]:
+    """Apply (Q_G (x) Q_A) diag(S) (Q_G (x) Q_A)^T blockwise, S = scaling(block, eigen):
+    M -> Q_G (S * (Q_G^T M Q_A)) Q_A^T on the [d_out, d_in'] matrix form M of each block.
+
+    ``tensors[i]`` is [k, *shape of parameter i] (k columns); the result has the same
+    layout (entries of parameters outside ``blocks`` are returned as given).
+    """
+    out = list(tensors)
+    for block in blocks:
+        eig = eigen[block.layer]
+        parts = []
+        if block.weight is not None:
+            w = tensors[block.weight]
+            parts.append(w.reshape(w.shape[0], w.shape[1], -1))
+        if block.bias is not None:
+            b = tensors[block.bias]
+            parts.append(b.reshape(b.shape[0], b.shape[1], 1))
+        M = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # [k, d_out, d_in']
+        qg = eig.evecs_G
+        if block.kind == "bias":
+            M = qg @ (scaling(block, eig) * (qg.T @ M))
+        else:
+            qa = eig.evecs_A
+            M = qg @ (scaling(block, eig) * (qg.T @ M @ qa)) @ qa.T
+        if block.weight is not None:
+            shape = tensors[block.weight].shape
+            out[block.weight] = M[:, :, : math.prod(shape[2:])].reshape(shape)
+        if block.bias is not None:
+            out[block.bias] = M[:, :, -1].reshape(tensors[block.bias].shape)
+    return out
+
+
+# ---------------------------------------------------------------------- the estimator
+class KFACEstimator(CurvatureEstimator):
+    """KFAC/EKFAC curvature over curvlinops 3 (see module docstring).
+
+    Options: ``approximation`` ("kfac" | "ekfac"); ``fisher_type`` for
+    ``curvature="fisher"`` ("type-2", default, equal to the GGN; or "mc" with
+    ``mc_samples`` sampled labels per sample, seeded by ``seed``); ``kfac_approx``
+    ("expand" | "reduce", Eschenhagen et al. 2023, for weight sharing);
+    ``separate_weight_and_bias`` (default False: one joint block per layer).
+    ``curvature="ggn"`` is type-2, ``"ef"`` the empirical Fisher.
+
+    Beyond the base interface: :meth:`factors`, :meth:`eigendecompositions`,
+    :meth:`kfac_eigenvalues`, :meth:`kfac_trace`, :meth:`kfac_logdet`, :meth:`solve`,
+    and ``n_factorizations`` (eigendecompositions done so far).
+    """
+
+    backend = "kfac"
+    supported_curvatures = frozenset({"ggn", "fisher", "ef"})
+    base_capabilities = frozenset({"matvec", "diagonal", "kronecker_factors", "damped_inverse"})
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn,
+        data,
+        curvature: str = "ggn",
+        params=None,
+        *,
+        approximation: str = "kfac",
+        fisher_type: str = "type-2",
+        mc_samples: int = 1,
+        seed: Seed = 0,
+        kfac_approx: str = "expand",
+        separate_weight_and_bias: bool = False,
+        distributed: bool | None = None,
+    ):
+        super().__init__(model, loss_fn, data, curvature, params, distributed=distributed)
+        if self.distributed:
+            raise UnsupportedCapabilityError(
+                "the 'kfac' backend computes factors on one process (curvlinops has no "
+                "torch.distributed support); pass distributed=False or use 'autograd'"
+            )
+        if approximation not in ("kfac", "ekfac"):
+            raise InvalidInputError(
+                f"approximation must be 'kfac' or 'ekfac', got {approximation!r}"
+            )
+        if kfac_approx not in ("expand", "reduce"):
+            raise InvalidInputError(
+                f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}"
+            )
+        if fisher_type not in ("type-2", "mc"):
+            raise InvalidInputError(f"fisher_type must be 'type-2' or 'mc', got {fisher_type!r}")
+        if fisher_type == "mc" and curvature != "fisher":
+            raise InvalidInputError(
+                "fisher_type='mc' is a Monte-Carlo Fisher: use curvature='fisher'"
+            )
+        if not isinstance(mc_samples, int) or mc_samples < 1:
+            raise InvalidInputError(f"mc_samples must be a positive int, got {mc_samples!r}")
+        if mc_samples != 1 and fisher_type != "mc":
+            raise InvalidInputError("mc_samples applies to fisher_type='mc' only")
+        if loss_kind(loss_fn) is None:
+            raise UnsupportedModelError(
+                f"the 'kfac' backend supports {SUPPORTED} (mean reduction, no class weights "
+                f"or label smoothing), got {type(loss_fn).__name__}; use the 'autograd' backend"
+            )
+        check_reduction(loss_fn)
+        _, unsupported = split_params(model, self.param_names)
+        if unsupported:
+            raise UnsupportedModelError(
+                "KFAC covers the weights and biases of Linear and Conv2d layers only; "
+                f"unsupported trainable parameters: {', '.join(unsupported)}. Freeze them, "
+                "pass params=[...] without them, or use the 'autograd' or 'backpack' backend"
+            )
+        self.approximation = approximation
+        self.fisher_type = {"ggn": "type-2", "fisher": fisher_type, "ef": "empirical"}[curvature]
+        self.mc_samples = mc_samples
+        self.seed = (
+            int(torch.randint(2**31 - 1, (1,), generator=seed).item())
+            if isinstance(seed, torch.Generator)
+            else int(seed or 0)
+        )
+        self.kfac_approx = kfac_approx
+        self.separate_weight_and_bias = separate_weight_and_bias
+        self.n_factorizations = 0
+        self._factors: KroneckerFactors | None = None
+        self._eigen: dict[str, LayerEigen] | None = None
+        self._versions: list[int] | None = None
+        self._computed()  # fail early on unsupported models
+
+    # ------------------------------------------------------------------ caches
+    def _state_versions(self) -> list[int]:
+        return [p._version for p in self.params] + [b._version for b in self.model.buffers()]
+
+    def release(self) -> None:
+        self._factors = None
+        self._eigen = None
+        self._versions = None
+
+    def _computed(self) -> KroneckerFactors:
+        """Factors for the current parameters (recomputed after in-place parameter updates)."""
+        if self._factors is None or self._versions != self._state_versions():
+            self.release()
+            self._factors = kronecker_factors(
+                self.model,
+                self.loss_fn,
+                self.params,
+                self.batches,
+                fisher_type=self.fisher_type,
+                mc_samples=self.mc_samples,
+                seed=self.seed,
+                kfac_approx=self.kfac_approx,
+                separate_weight_and_bias=self.separate_weight_and_bias,
+                ekfac=self.approximation == "ekfac",
+            )
+            for A, G in self._factors.factors.values():
+                if not torch.isfinite(G).all() or (A is not None and not torch.isfinite(A).all()):
+                    raise NumericalError("the Kronecker factors are not finite; check the loss")
+            self.n_factorizations += self._factors.n_factorizations
+            self._eigen = self._factors.eigen
+            self._versions = self._state_versions()
+        return self._factors
+
+    # ------------------------------------------------------------------ products
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        computed = self._computed()
+        with torch.no_grad():
+            return computed.scale * (computed.operator @ V)
+
+    def _diagonal(self) -> torch.Tensor:
+        computed = self._computed()
+        if self.approximation == "ekfac":
+            eig = self.eigendecompositions()
+
+            def diag_of(block):
+                e = eig[block.layer]
+                qa = e.evecs_A if block.kind != "bias" else e.evals_G.new_ones(1, 1)
+                return (e.evecs_G**2) @ block_eigenvalues(block, e) @ (qa**2).T
+        else:
+
+            def diag_of(block):
+                A, G = computed.factors[block.layer]
+                dA = A.diagonal() if block.kind != "bias" else G.new_ones(1)
+                return torch.outer(G.diagonal(), dA)
+
+        out = [torch.zeros_like(p) for p in self.params]
+        for block in computed.blocks:
+            D = diag_of(block)
+            if block.weight is not None:
+                w = self.params[block.weight]
+                out[block.weight] = D[:, : w[0].numel()].reshape(w.shape)
+            if block.bias is not None:
+                out[block.bias] = D[:, -1].clone()
+        return flatten(out)
+
+    # ------------------------------------------------------------------ factor access
+    def factors(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
+        """Layer name -> (A, G) (A is None for a layer whose weight is not analysed)."""
+        return {
+            k: (None if a is None else a.clone(), g.clone())
+            for k, (a, g) in self._computed().factors.items()
+        }
+
+    def eigendecompositions(self) -> dict[str, LayerEigen]:
+        """Layer name -> eigendecompositions of its factors (computed once, then cached)."""
+        computed = self._computed()
+        if self._eigen is None:
+            self._eigen = {k: eigendecompose(a, g) for k, (a, g) in computed.factors.items()}
+            self.n_factorizations += _count_factors(computed.factors)
+        return self._eigen
+
+    def kfac_eigenvalues(self) -> torch.Tensor:
+        """All P eigenvalues of the (E)KFAC matrix, ascending, from the factors."""
+        eig = self.eigendecompositions()
+        blocks = self._computed().blocks
+        values = torch.cat([block_eigenvalues(b, eig[b.layer]).reshape(-1) for b in blocks])
+        return values.sort().values
+
+    def kfac_trace(self) -> float:
+        """tr of the (E)KFAC matrix: sum over blocks of tr(G) tr(A) (EKFAC: sum of its
+        eigenvalues). Exact, no probes."""
+        computed = self._computed()
+        if self.approximation == "ekfac":
+            return float(self.kfac_eigenvalues().sum())
+        total = 0.0
+        for block in computed.blocks:
+            A, G = computed.factors[block.layer]
+            total += float(G.trace()) * (float(A.trace()) if block.kind != "bias" else 1.0)
+        return total
+
+    def kfac_logdet(self, damping: float = 0.0) -> float:
+        """log det(K + damping I) from the eigenvalues (-inf when singular)."""
+        damping = _check_damping(damping)
+        return float(torch.log(self.kfac_eigenvalues() + damping).sum())
+
+    def solve(self, v: torch.Tensor, damping: float, heuristic: bool = False) -> torch.Tensor:
+        """(K + damping I)^-1 v, or with ``heuristic=True`` the pi-damped Kronecker inverse
+        (G + sqrt(d)/pi I)^-1 (x) (A + pi sqrt(d) I)^-1 v. v: [P] or [P, k].
+
+        Reuses the cached eigendecompositions: changing ``damping`` refactorizes nothing.
+        """
+        self.check_vector(v)
+        damping = _check_damping(damping)
+        if heuristic and damping == 0:
+            raise InvalidInputError("heuristic damping needs damping > 0")
+        eig = self.eigendecompositions()
+        block = v if v.ndim == 2 else v[:, None]
+        scaling = heuristic_inverse(damping) if heuristic else exact_inverse(damping)
+        with torch.no_grad():
+            parts = unflatten(block, self.params)  # [k, *shape] each
+            out = precondition(self._computed().blocks, eig, parts, scaling)
+            out = torch.cat([o.reshape(block.shape[1], -1) for o in out], dim=1).T
+        if not torch.isfinite(out).all():
+            raise NumericalError(
+                "the damped inverse is not finite: the KFAC matrix is singular; use damping > 0"
+            )
+        return out if v.ndim == 2 else out[:, 0]
+
+
+def _check_damping(damping) -> float:
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0:
+        raise InvalidInputError(f"damping must be a float >= 0, got {damping!r}")
+    return float(damping)

@@ -1,0 +1,328 @@
+"""PyHessian 0.1 behind the curvlab interface, shielded from its defects (DESIGN.md section 5).
+
+Products use PyHessian's fast path: one ``pyhessian.hessian`` object per batch (its
+single-batch mode caches ``gradsH`` with a graph) and its ``hessian_vector_product``;
+batches are averaged with weights n_b / N, so uneven last batches are exact. (Its dataloader
+mode would redo a forward and backward per product and write ``.grad`` each time.)
+
+What the adapter fixes:
+
+- ``cuda=True`` default that moves only the data: the flag follows the parameters' device.
+- The constructor's ``model.eval()`` for good: PyHessian evaluates the model in eval mode
+  (its convention), and every module's flag is restored right after.
+- ``loss.backward(create_graph=True)`` leaving a graph in ``.grad``: every parameter's
+  ``.grad`` is saved and restored as it was (None stays None); the graph lives only in the
+  cached ``gradsH`` and goes with :meth:`release`.
+- ``trace()`` stopping after 2 samples when the trace is negative and returning a list:
+  :meth:`native_trace` runs its Hutchinson loop with a symmetric stopping rule and returns
+  an :class:`~curvlab.Estimate` with a standard error.
+- ``density()`` crashing on the removed ``torch.eig``: :meth:`native_density` runs its
+  Lanczos iteration with its own helpers and diagonalises the tridiagonal matrix with
+  ``torch.linalg.eigh``, returning a :class:`~curvlab.SpectralDensity` comparable with
+  curvlab's stochastic Lanczos quadrature.
+- unseeded ``torch.randn`` probes: every random routine takes ``seed``.
+
+:meth:`power_eigenvalues` is PyHessian's deflated power iteration, counted in matvecs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager, nullcontext
+
+import torch
+from pyhessian import hessian as PyHessian
+from pyhessian.utils import (
+    group_add,
+    group_product,
+    hessian_vector_product,
+    normalization,
+    orthnormal,
+)
+
+from curvlab import distributed as dist
+from curvlab._params import flatten, unflatten
+from curvlab._random import Seed, gaussian, make_generator, rademacher
+from curvlab.errors import InvalidInputError, NumericalError, UnsupportedModelError
+from curvlab.estimator import CurvatureEstimator
+from curvlab.results import Eigenpairs, Estimate, SpectralDensity
+
+from ._losses import check_scalar_mean_loss
+
+
+class PyHessianEstimator(CurvatureEstimator):
+    """Hessian products through PyHessian's cached graph (see module docstring)."""
+
+    backend = "pyhessian"
+    supported_curvatures = frozenset({"hessian"})
+    base_capabilities = frozenset({"matvec", "power_iteration", "native_trace", "native_density"})
+
+    def __init__(self, model, loss_fn, data, curvature="hessian", params=None, *, distributed=None):
+        super().__init__(model, loss_fn, data, curvature, params, distributed=distributed)
+        self._graphs: list[tuple[float, list[torch.Tensor], tuple]] | None = None
+        self._versions: list[int] | None = None
+        x, y = self.batches[0]
+        with self._shield(), torch.no_grad():
+            loss = check_scalar_mean_loss(loss_fn, model(x), y)
+        if not torch.isfinite(loss):
+            raise NumericalError(
+                f"the loss is {loss.item()} on the first batch; check data and model"
+            )
+
+    # ------------------------------------------------------------------ shielding
+    @contextmanager
+    def _shield(self):
+        """Run PyHessian on the user's model and leave modes, ``.grad`` and flags as found."""
+        model = self.model
+        modes = [(m, m.training) for m in model.modules()]
+        saved = [(p, p.grad, p.requires_grad) for p in model.parameters()]
+        chosen = {id(p) for p in self.params}
+        device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        try:
+            for p, _, _ in saved:
+                p.grad = None
+                p.requires_grad_(id(p) in chosen)
+            with warnings.catch_warnings(), device:
+                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph")
+                model.eval()
+                yield
+        finally:
+            for m, flag in modes:
+                m.training = flag
+            for p, grad, flag in saved:
+                p.requires_grad_(flag)
+                p.grad = grad
+
+    def _state_versions(self) -> list[int]:
+        return [p._version for p in self.model.parameters()] + [
+            b._version for b in self.model.buffers()
+        ]
+
+    def _build(self) -> list[tuple[float, list[torch.Tensor], tuple]]:
+        """One PyHessian object per batch: (weight, its params, its gradsH) in our order."""
+        graphs = []
+        cuda = self.device.type == "cuda"
+        for x, y in self.batches:
+            with self._shield():
+                h = PyHessian(self.model, self.loss_fn, data=(x, y), cuda=cuda)
+            index = {id(p): i for i, p in enumerate(h.params)}
+            order = [index[id(p)] for p in self.params]
+            grads = [h.gradsH[i] for i in order]
+            unused = [
+                name
+                for name, g in zip(self.param_names, grads)
+                if not (isinstance(g, torch.Tensor) and g.requires_grad)
+            ]
+            if unused:
+                raise UnsupportedModelError(
+                    f"PyHessian needs every parameter in the second-order graph, but "
+                    f"{', '.join(unused)} do not reach it; pass params= without them, or use "
+                    "backend 'autograd'"
+                )
+            weight = x.shape[0] / self.local_num_samples
+            graphs.append((weight, [h.params[i] for i in order], grads))
+        return graphs
+
+    def release(self) -> None:
+        self._graphs = None
+        self._versions = None
+
+    # ------------------------------------------------------------------ products
+    def _hv(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """PyHessian's Hessian-vector product, averaged over batches (parameter shapes)."""
+        if self._graphs is None or self._versions != self._state_versions():
+            self._graphs = self._build()
+            self._versions = self._state_versions()
+        (weight, params, grads), *rest = self._graphs
+        total = list(hessian_vector_product(grads, params, vs))
+        if rest:
+            total = [weight * t for t in total]
+            for w, ps, gs in rest:
+                for a, t in zip(total, hessian_vector_product(gs, ps, vs)):
+                    a.add_(t, alpha=w)
+        return total
+
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        cols = [flatten(self._hv(unflatten(V[:, j], self.params))) for j in range(V.shape[1])]
+        return cols[0][:, None] if len(cols) == 1 else torch.stack(cols, dim=1)
+
+    def _counted_hv(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A product for PyHessian's own algorithms: counted, checked, averaged over ranks."""
+        out = self._hv(vs)
+        if self.distributed:
+            total = dist.all_reduce_sum(flatten(out) * self.local_num_samples)
+            out = unflatten(total / self.num_samples, self.params)
+        self.n_matvecs += 1
+        if not all(torch.isfinite(t).all() for t in out):
+            raise NumericalError("the Hessian product is not finite; check the loss and the data")
+        return out
+
+    def _probe(self, draw, gen: torch.Generator) -> list[torch.Tensor]:
+        v = draw((self.num_params,), generator=gen, dtype=self.dtype, device=self.device)
+        return unflatten(v, self.params)
+
+    # ------------------------------------------------------------------ PyHessian's algorithms
+    def power_eigenvalues(
+        self, top_n: int = 1, maxIter: int = 100, tol: float = 1e-3, seed: Seed = 0
+    ) -> Eigenpairs:
+        """PyHessian's ``eigenvalues()``: deflated power iteration, largest |lambda| first.
+
+        Stops each eigenvalue when |lambda_t - lambda_{t-1}| / (|lambda_{t-1}| + 1e-6) < tol
+        (PyHessian's rule). Vectors are PyHessian's (the normalised last product); residuals
+        are ||H v - lambda v|| of the last Rayleigh pair (no extra products).
+        """
+        if not isinstance(top_n, int) or not 1 <= top_n <= self.num_params:
+            raise InvalidInputError(
+                f"top_n must be an int in [1, {self.num_params}], got {top_n!r}"
+            )
+        if maxIter < 1 or tol <= 0:
+            raise InvalidInputError("maxIter must be >= 1 and tol > 0")
+        gen = make_generator(seed, self.device)
+        start = self.n_matvecs
+        values, vectors, residuals, converged = [], [], [], True
+        while len(values) < top_n:
+            eigenvalue, done = None, False
+            v = normalization(self._probe(gaussian, gen))
+            for _ in range(maxIter):
+                v = orthnormal(v, vectors)
+                hv = self._counted_hv(v)
+                current = group_product(hv, v).item()
+                residual = flatten(hv) - current * flatten(v)
+                v = normalization(hv)
+                if eigenvalue is not None:
+                    if abs(eigenvalue - current) / (abs(eigenvalue) + 1e-6) < tol:
+                        done = True
+                        break
+                eigenvalue = current
+            values.append(current)
+            vectors.append(v)
+            residuals.append(residual.norm().item())
+            converged &= done
+        order = sorted(range(top_n), key=lambda i: -values[i])
+        return Eigenpairs(
+            values=torch.tensor([values[i] for i in order], dtype=self.dtype),
+            vectors=torch.stack([flatten(vectors[i]) for i in order], dim=1),
+            residuals=torch.tensor([residuals[i] for i in order], dtype=self.dtype),
+            n_matvecs=self.n_matvecs - start,
+            converged=converged,
+        )
+
+    def native_trace(self, maxIter: int = 100, tol: float = 1e-3, seed: Seed = 0) -> Estimate:
+        """PyHessian's Hutchinson trace with Rademacher probes, as an estimate with stderr.
+
+        Stops once |mean_t - mean_{t-1}| / (|mean_{t-1}| + 1e-6) < tol after at least two
+        samples (PyHessian divides by the signed trace and so stops at once when it is
+        negative). stderr = sample std / sqrt(n).
+        """
+        if maxIter < 2 or tol <= 0:
+            raise InvalidInputError(
+                "maxIter must be >= 2 (a standard error needs two samples) and tol > 0"
+            )
+        gen = make_generator(seed, self.device)
+        samples: list[float] = []
+        previous = 0.0
+        for _ in range(maxIter):
+            v = self._probe(rademacher, gen)
+            samples.append(group_product(self._counted_hv(v), v).item())
+            mean = sum(samples) / len(samples)
+            if len(samples) >= 2 and abs(mean - previous) / (abs(previous) + 1e-6) < tol:
+                break
+            previous = mean
+        values = torch.tensor(samples, dtype=self.dtype)
+        return Estimate(
+            value=float(values.mean()),
+            stderr=float(values.std() / math.sqrt(len(samples))),
+            n_matvecs=len(samples),
+            samples=values,
+        )
+
+    def native_density(
+        self,
+        iter: int = 100,
+        n_v: int = 1,
+        seed: Seed = 0,
+        num_bins: int = 10000,
+        sigma_squared: float = 1e-5,
+        overhead: float = 0.01,
+    ) -> SpectralDensity:
+        """PyHessian's ``density()``: Lanczos with full reorthogonalisation from Rademacher
+        probes, Ritz values as nodes and squared first eigenvector entries as weights.
+
+        The probes are those :func:`curvlab.spectral.slq.spectral_density` draws for the same
+        ``seed``, so the two quadratures can be compared probe by probe.
+
+        The broadened density follows PyHessian's companion ``density_generate``: Gaussians
+        of variance sigma_squared * max(1, range) on ``num_bins`` points spanning the mean
+        extreme nodes +- ``overhead``, normalised to integrate to one.
+        """
+        if not isinstance(iter, int) or not 1 <= iter <= self.num_params:
+            raise InvalidInputError(
+                f"iter must be an int in [1, num_params={self.num_params}] (Lanczos cannot "
+                f"take more steps than the dimension), got {iter!r}"
+            )
+        if not isinstance(n_v, int) or n_v < 1:
+            raise InvalidInputError(f"n_v must be a positive int, got {n_v!r}")
+        gen = make_generator(seed, self.device)
+        starts = rademacher(
+            (self.num_params, n_v), generator=gen, dtype=self.dtype, device=self.device
+        )
+        nodes, weights = [], []
+        for j in range(n_v):
+            alphas, betas = self._lanczos(unflatten(starts[:, j], self.params), iter, gen)
+            T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+            off = torch.tensor(betas, dtype=torch.float64)
+            T = T + torch.diag(off, 1) + torch.diag(off, -1)
+            evals, evecs = torch.linalg.eigh(T)
+            nodes.append(evals)
+            weights.append(evecs[0, :] ** 2)
+        nodes_t, weights_t = torch.stack(nodes), torch.stack(weights)
+        grid, density, sigma = _broaden(nodes_t, weights_t, num_bins, sigma_squared, overhead)
+        return SpectralDensity(
+            nodes=nodes_t,
+            weights=weights_t,
+            grid=grid,
+            density=density,
+            log_grid=None,
+            log_density=None,
+            sigma=sigma,
+            n_matvecs=iter * n_v,
+        )
+
+    def _lanczos(
+        self, start: list[torch.Tensor], steps: int, gen: torch.Generator
+    ) -> tuple[list[float], list[float]]:
+        """The iteration inside PyHessian's ``density()``, with its helpers, seeded."""
+        v = normalization(start)
+        v_list = [v]
+        alphas: list[float] = []
+        betas: list[float] = []
+        w = None
+        for i in range(steps):
+            if i > 0:
+                beta = torch.sqrt(group_product(w, w))
+                betas.append(beta.item())
+                if betas[-1] == 0.0:
+                    w = self._probe(gaussian, gen)
+                v = orthnormal(w, v_list)
+                v_list.append(v)
+            w_prime = self._counted_hv(v)
+            alpha = group_product(w_prime, v)
+            alphas.append(alpha.item())
+            w = group_add(w_prime, v, alpha=-alpha)
+            if i > 0:
+                w = group_add(w, v_list[-2], alpha=-beta)
+        return alphas, betas
+
+
+def _broaden(nodes, weights, num_bins: int, sigma_squared: float, overhead: float):
+    """PyHessian's ``density_generate`` on torch tensors: (grid, density, sigma)."""
+    lam_max = nodes.max(dim=1).values.mean().item() + overhead
+    lam_min = nodes.min(dim=1).values.mean().item() - overhead
+    grid = torch.linspace(lam_min, lam_max, num_bins, dtype=torch.float64)
+    var = sigma_squared * max(1.0, lam_max - lam_min)
+    diff = grid[None, None, :] - nodes[:, :, None]
+    kernel = torch.exp(-(diff**2) / (2 * var)) / math.sqrt(2 * math.pi * var)
+    density = (weights[:, :, None] * kernel).sum(dim=1).mean(dim=0)
+    density = density / (density.sum() * (grid[1] - grid[0]))
+    return grid, density, math.sqrt(var)
