@@ -1,0 +1,363 @@
+"""Hessian noise variance delta = P^-1 E||H_B - H||_F^2: the paper's optimal damping.
+
+Paper eq. 15 and section 7; DESIGN.md section 4. With one shared random *unit* probe v
+per round and u_i = H_i v for groups i = 1..n of ``g`` consecutive samples,
+
+    s2 = 1/(n-1) sum_i ||u_i - u_bar||^2
+
+is unbiased for P^-1 E||H_i - H||_F^2 (E_v ||A v||^2 = ||A||_F^2 / P for unit v). For
+groups of one sample that is the per-sample variance S2 = 1/(N-1) sum_n ||H_n - H||_F^2 / P,
+and a batch of B drawn without replacement from N samples has noise (1/B - 1/N) S2. Groups of
+g samples (a random partition of randomly ordered data) estimate S2 / g, so both routes use
+
+    delta = (1/B - 1/N) * g * s2
+
+(for g = B this is s2 itself up to the finite-population factor 1 - B/N). The value averages
+the probes; its standard error is their spread / sqrt(n_probes). The products u_i come from
+``est.group_matvecs`` (vmapped over groups by the autograd backend) and the probes are
+vectorised with ``torch.func.vmap`` over it where the backend allows (a loop otherwise).
+
+``method="paper"`` is Algorithm 1 as printed, sigma2 = mean_i v^T H_i^2 v - (v^T H_bar v)^2
+(with the 1/n the printed loop omits), then the same conversion. It is biased: for a unit
+probe its expected excess over the centred form is P/(P+2) times the spectral variance
+P^-1 Tr H_bar^2 - (P^-1 Tr H_bar)^2 (DESIGN.md section 4).
+
+``source="diagonal"`` uses per-sample diagonal curvature D [N, P] (BackPACK) instead of
+probes: delta = (1/B - 1/N) * sum_j Var_n(D_nj) = (1/B - 1/N) * P * mean_j Var_n(D_nj),
+which assumes the off-diagonal entries of H_n - H are as variable as the diagonal ones
+(homogeneous noise); it is cheap but only as good as that assumption.
+
+Under ``torch.distributed`` each rank's estimator holds a shard; the group sums, centred
+squared norms and counts are all-reduced, so every rank gets the single-process value on
+the union of the shards (exactly, for ``group_size=1``; larger groups never straddle ranks).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from curvlab import distributed as dist
+from curvlab._random import Seed, gaussian, make_generator
+from curvlab.errors import CurvlabError, InvalidInputError, UnsupportedCapabilityError
+from curvlab.estimator import CurvatureEstimator
+from curvlab.results import NoiseEstimate
+
+METHODS = ("unbiased", "paper")
+SOURCES = ("matvec", "diagonal")
+_BLOCK_NUMBERS = 2**25  # probes per vectorised call: [k, G, P] within about this many numbers
+
+
+def noise_variance(
+    est: CurvatureEstimator,
+    *,
+    batch_size: int = 128,
+    n_probes: int = 10,
+    method: str = "unbiased",
+    subsample: int | torch.Tensor | None = None,
+    group_size: int = 1,
+    source: str = "matvec",
+    population: float | None = None,
+    seed: Seed = 0,
+) -> NoiseEstimate:
+    """Noise variance of the curvature of a batch of ``batch_size`` samples (the damping).
+
+    Parameters
+    ----------
+    est : the estimator; its samples are the population the batches are drawn from.
+    batch_size : B, the batch whose curvature noise is wanted (the optimizer's batch).
+    n_probes : probe rounds (each costs one product per group); for ``source="diagonal"``
+        the number of jackknife folds behind the standard error.
+    method : "unbiased" (default) or "paper" (Algorithm 1 as printed; biased, see module).
+    subsample : an int draws that many samples at random (seeded, in random order), a 1-D
+        index tensor picks those samples (global indices over all ranks, in that order);
+        the estimate is formed on a sub-estimator that holds only them (built with the
+        estimator's class, data and the constructor options it stores as attributes).
+        S2 of a random subset is unbiased for the S2 of all samples.
+    group_size : g; 1 is per-sample, ``batch_size`` is the paper's per-batch route. For
+        g > 1 the groups are consecutive samples, so the data order must be random
+        (``subsample`` draws a random order); the standard error then covers the probes,
+        not the partition.
+    source : "matvec" (probes through ``group_matvecs``) or "diagonal" (per-sample
+        diagonals from ``est.per_sample_diagonal(kind)``, the BackPACK backend).
+    population : N in the factor 1/B - 1/N; default the estimator's ``num_samples``;
+        ``math.inf`` for batches drawn i.i.d. (factor 1/B).
+    seed : int or torch.Generator (on the estimator's device) for the probes and subsample.
+    """
+    _check_args(est, batch_size, n_probes, method, group_size, source)
+    n_pop = float(est.num_samples if population is None else population)
+    if not n_pop >= batch_size:
+        raise InvalidInputError(
+            f"population {n_pop:g} is smaller than batch_size {batch_size}; pass the size of "
+            "the dataset the batches are drawn from (math.inf for i.i.d. batches)"
+        )
+    factor = 1.0 / batch_size - (0.0 if math.isinf(n_pop) else 1.0 / n_pop)
+    gen = make_generator(seed, est.device)
+    work = est if subsample is None else subsample_estimator(est, subsample, gen)
+    if source == "diagonal":
+        return _diagonal_estimate(work, n_probes, factor, batch_size)
+    V = gaussian((n_probes, est.num_params), generator=gen, dtype=est.dtype, device=est.device)
+    V = V / V.norm(dim=1, keepdim=True)  # rows: probes uniform on the unit sphere
+    per_probe, n_groups = [], 0
+    for block in V.split(_probes_per_call(work, group_size)):
+        sums, vu, n_groups = _probe_statistics(work, block, group_size, method == "paper")
+        if method == "unbiased":
+            sigma2 = sums / (n_groups - 1)
+        else:  # Algorithm 1 as printed, with the 1/n
+            sigma2 = sums / n_groups - vu**2
+        per_probe.append(factor * group_size * sigma2)
+    values = torch.cat(per_probe)
+    stderr = float(values.std() / math.sqrt(n_probes)) if n_probes > 1 else math.nan
+    return NoiseEstimate(
+        value=float(values.mean()),
+        stderr=stderr,
+        per_probe=values,
+        batch_size=batch_size,
+        n_samples=work.num_samples,
+        n_groups=n_groups,
+        n_matvecs=n_groups * n_probes,
+        method=method,
+        source=source,
+    )
+
+
+def _check_args(est, batch_size, n_probes, method, group_size, source) -> None:
+    if not isinstance(est, CurvatureEstimator):
+        raise InvalidInputError(
+            f"expected a CurvatureEstimator (curvlab.estimator(...)), got {type(est).__name__}"
+        )
+    if method not in METHODS:
+        raise InvalidInputError(f"method must be one of {METHODS}, got {method!r}")
+    if source not in SOURCES:
+        raise InvalidInputError(f"source must be one of {SOURCES}, got {source!r}")
+    for name, value, low in (("batch_size", batch_size, 1), ("group_size", group_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
+    low = 2 if source == "diagonal" else 1
+    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < low:
+        raise InvalidInputError(f"n_probes must be an int >= {low}, got {n_probes!r}")
+    if source == "diagonal" and (method != "unbiased" or group_size != 1):
+        raise InvalidInputError(
+            "source='diagonal' uses per-sample diagonals: leave method='unbiased' and group_size=1"
+        )
+
+
+def _probes_per_call(est: CurvatureEstimator, group_size: int) -> int:
+    """Probes vectorised together: [k, G, P] products within about 2^25 numbers (the same
+    count on every rank, so the collectives line up)."""
+    return max(1, _BLOCK_NUMBERS // max(1, est.num_samples // group_size * est.num_params))
+
+
+def _group_products(est: CurvatureEstimator, V: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[k, G, P]: ``group_matvecs`` for each probe row of V, vectorised with vmap over the
+    probes where the backend allows it (same numbers as a loop), looped otherwise."""
+    if V.shape[0] > 1:
+        try:
+            U = torch.func.vmap(lambda v: est.group_matvecs(v, group_size))(V)
+        except CurvlabError:
+            raise
+        except Exception:  # a backend that cannot run under vmap (hooks, .item(), ...)
+            pass
+        else:
+            est.n_matvecs += (V.shape[0] - 1) * U.shape[1]  # counted once under vmap
+            return U
+    return torch.stack([est.group_matvecs(v, group_size) for v in V])
+
+
+def _probe_statistics(est: CurvatureEstimator, V: torch.Tensor, group_size: int, paper: bool):
+    """Per probe row of V [k, P], over all ranks' groups: sum_i ||u_i - u_bar||^2 (or, for
+    the paper's form, sum_i ||u_i||^2) and v^T u_bar as [k] float64 tensors, and the number
+    n of groups.
+
+    Two passes: the group sums and counts are all-reduced first, then the centred squared
+    norms, which stays accurate when the mean product dominates the spread.
+    """
+    U = _group_products(est, V, group_size)
+    k = V.shape[0]
+    head = torch.cat([U.sum(1), U.new_full((k, 1), U.shape[1])], dim=1)
+    if est.distributed:
+        head = dist.all_reduce_sum(head)
+    n = round(float(head[0, -1]))
+    if n < 2:
+        raise InvalidInputError(
+            f"only {n} group(s) of {group_size} samples: the variance needs at least 2; "
+            "use a smaller group_size or more data"
+        )
+    mean = head[:, :-1] / n
+    if paper:  # sum ||u_i||^2
+        sums = torch.linalg.vector_norm(U, dim=(1, 2)) ** 2
+    else:  # sum ||u_i - u_bar||^2
+        sums = torch.linalg.vector_norm(U - mean[:, None], dim=(1, 2)) ** 2
+    sums = sums.to(torch.float64)
+    if est.distributed:
+        sums = torch.tensor(dist.all_reduce_scalars(*sums.tolist()), dtype=torch.float64)
+    vu = (V * mean).sum(1).to(torch.float64).cpu()
+    return sums.cpu(), vu, n
+
+
+# ---------------------------------------------------------------------- subsamples
+def shard_layout(local_n: int, distributed: bool) -> tuple[torch.Tensor, int]:
+    """(offsets of every rank's first sample, total count): global sample indices.
+
+    Rank r holds global samples offsets[r] .. offsets[r] + n_r - 1 (rank order).
+    """
+    if not distributed:
+        return torch.tensor([0, int(local_n)]), int(local_n)
+    mine = [0.0] * dist.world_size()
+    mine[dist.rank()] = float(local_n)
+    counts = torch.tensor(dist.all_reduce_scalars(*mine)).round().long()
+    offsets = torch.cumsum(counts, 0) - counts
+    return torch.cat([offsets, counts.sum()[None]]), int(counts.sum())
+
+
+def local_selection(indices: torch.Tensor, local_n: int, distributed: bool) -> torch.Tensor:
+    """The local positions of the global ``indices`` that this rank holds, in their order.
+
+    Raises (on every rank alike) when some rank would hold none of them.
+    """
+    bounds, total = shard_layout(local_n, distributed)
+    indices = indices.to("cpu", torch.long)
+    if indices.ndim != 1 or indices.numel() == 0:
+        raise InvalidInputError("subsample indices must be a non-empty 1-D tensor")
+    if int(indices.min()) < 0 or int(indices.max()) >= total:
+        raise InvalidInputError(f"subsample indices must lie in [0, {total}), the samples held")
+    if indices.unique().numel() != indices.numel():
+        raise InvalidInputError("subsample indices must be distinct")
+    rank = dist.rank() if distributed else 0
+    n_ranks = bounds.numel() - 1
+    starts, ends = bounds[:-1], bounds[1:]
+    held = [int(((indices >= starts[r]) & (indices < ends[r])).sum()) for r in range(n_ranks)]
+    if min(held) == 0:
+        raise InvalidInputError(
+            f"the subsample leaves a rank without samples (per rank: {held}); subsample more"
+        )
+    mine = indices[(indices >= starts[rank]) & (indices < ends[rank])]
+    return mine - starts[rank]
+
+
+def draw_subsample(total: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` distinct global sample indices out of ``total``, in random order."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n:
+        raise InvalidInputError(f"subsample must be an int >= 2 or an index tensor, got {n!r}")
+    perm = torch.randperm(total, generator=generator, device=generator.device)
+    return perm[: min(n, total)].cpu()
+
+
+def subsample_estimator(
+    est: CurvatureEstimator,
+    subsample: int | torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> CurvatureEstimator:
+    """A new estimator of the same kind on a subset of ``est``'s samples (see noise_variance).
+
+    ``subsample``: global sample indices, or a count drawn with ``generator``.
+    """
+    if isinstance(subsample, torch.Tensor):
+        indices = subsample
+    else:
+        indices = draw_subsample(est.num_samples, subsample, generator or make_generator(0))
+    local = local_selection(indices, est.local_num_samples, est.distributed).to(est.device)
+    x = torch.cat([b[0] for b in est.batches])[local]
+    y = torch.cat([b[1] for b in est.batches])[local]
+    return rebuild_estimator(est, (x, y))
+
+
+def rebuild_estimator(est: CurvatureEstimator, data) -> CurvatureEstimator:
+    """``type(est)`` on new data, forwarding the keyword-only constructor options that the
+    estimator stores as same-named attributes (None values keep the class default)."""
+    params = inspect.signature(type(est).__init__).parameters.values()
+    options = {
+        p.name: getattr(est, p.name)
+        for p in params
+        if p.kind is p.KEYWORD_ONLY
+        and p.name != "distributed"
+        and getattr(est, p.name, None) is not None
+    }
+    return type(est)(
+        est.model,
+        est.loss_fn,
+        data,
+        curvature=est.curvature,
+        params=est.params,
+        distributed=est.distributed,
+        **options,
+    )
+
+
+# ---------------------------------------------------------------------- diagonal source
+def _diagonal_estimate(
+    est: CurvatureEstimator, n_folds: int, factor: float, batch_size: int
+) -> NoiseEstimate:
+    """factor * sum_j Var_n(D_nj), with a delete-a-fold jackknife standard error (the
+    ``per_probe`` field holds the K leave-one-fold-out values)."""
+    values = _diagonal_folds(est, n_folds) * factor
+    jack = values[1:]
+    spread = ((jack - jack.mean()) ** 2).sum() * (n_folds - 1) / n_folds
+    return NoiseEstimate(
+        value=float(values[0]),
+        stderr=float(spread.sqrt()),
+        per_probe=jack,
+        batch_size=batch_size,
+        n_samples=est.num_samples,
+        n_groups=est.num_samples,
+        n_matvecs=0,
+        method="unbiased",
+        source="diagonal",
+    )
+
+
+def _diagonal_folds(est: CurvatureEstimator, n_folds: int) -> torch.Tensor:
+    """[1 + K]: sum_j Var_n(D_nj) on all samples, then with each of K folds left out.
+
+    Fold k holds the samples whose global index is k mod K; the sums are all-reduced.
+    """
+    per_sample = getattr(est, "per_sample_diagonal", None)
+    if per_sample is None:
+        raise UnsupportedCapabilityError(
+            f"backend {est.backend!r} has no per-sample diagonal curvature: use "
+            "source='matvec', or the 'backpack' backend for source='diagonal'"
+        )
+    if est.curvature == "ef":
+        raise UnsupportedCapabilityError(
+            "source='diagonal' covers the Hessian, GGN and Fisher; use source='matvec' for 'ef'"
+        )
+    kind = {"hessian": "hessian", "ggn": "ggn", "fisher": "ggn"}[est.curvature]
+    if getattr(est, "fisher_type", None) == "mc":
+        kind = "ggn_mc"
+    D = per_sample(kind).to(torch.float64)
+    n_local = D.shape[0]
+    total_sum = D.sum(0)
+    if est.distributed:
+        total_sum = dist.all_reduce_sum(total_sum)
+    n_total = est.num_samples
+    if n_total < n_folds + 2:
+        raise InvalidInputError(
+            f"{n_total} samples are too few for {n_folds} jackknife folds; lower n_probes"
+        )
+    C = D - total_sum / n_total  # centred at the global mean
+    offset = 0
+    if est.distributed:
+        offset = int(shard_layout(n_local, True)[0][dist.rank()])
+    folds = (torch.arange(n_local) + offset) % n_folds
+    folds = folds.to(C.device)
+    stats = C.new_zeros(n_folds, 2 * C.shape[1] + 1)
+    stats[:, : C.shape[1]].index_add_(0, folds, C)
+    stats[:, C.shape[1] : -1].index_add_(0, folds, C**2)
+    stats[:, -1] = torch.bincount(folds, minlength=n_folds).to(C.dtype)
+    if est.distributed:
+        stats = dist.all_reduce_sum(stats)
+    stats = stats.cpu()
+    p = C.shape[1]
+    s1, s2, counts = stats[:, :p], stats[:, p:-1], stats[:, -1]
+
+    def total_variance(a1, a2, n):
+        return float(((a2 - a1**2 / n) / (n - 1)).sum())
+
+    full = total_variance(s1.sum(0), s2.sum(0), float(counts.sum()))
+    left_out = [
+        total_variance(s1.sum(0) - s1[k], s2.sum(0) - s2[k], float(counts.sum() - counts[k]))
+        for k in range(n_folds)
+    ]
+    return torch.tensor([full, *left_out], dtype=torch.float64)
