@@ -7,6 +7,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
+# The test models are tiny: one intra-op thread avoids thread-pool overhead and makes the
+# suite's timings independent of how many cores the machine has.
+torch.set_num_threads(1)
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 

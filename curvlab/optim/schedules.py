@@ -1,0 +1,107 @@
+"""The paper's learning-rate schedules as ``torch.optim.lr_scheduler.LRScheduler`` subclasses.
+
+With s = t / T (t the scheduler's step count, T = ``total_steps``), each group's rate is
+alpha_t = alpha_0 * f(s):
+
+- eq. 12 (:class:`PaperSchedule`): f = 1 for s <= 0.5, 1 - (1 - r)(s - 0.5)/0.4 for
+  0.5 < s <= 0.9, and r after.
+- eq. 16 (:class:`WarmupSchedule`): f = 1 for s <= 0.1, 1 + (kappa - 1)(s - 0.1)/0.2 for
+  0.1 < s <= 0.3, kappa - (kappa - r)(s - 0.3)/0.6 for 0.3 < s <= 0.9, and r after.
+
+The paper sets r = 0.01 and kappa = 5. s is an exact fraction, so the breakpoints are hit
+exactly. Call ``scheduler.step()`` once per unit of T (epoch or iteration) after
+``optimizer.step()``, as for any torch scheduler.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from curvlab.errors import InvalidInputError
+
+_TENTH, _THREE_TENTHS = Fraction(1, 10), Fraction(3, 10)
+_HALF, _NINE_TENTHS = Fraction(1, 2), Fraction(9, 10)
+
+
+def _check(total_steps: int, r: float, kappa: float = 1.0) -> None:
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise InvalidInputError(f"total_steps must be a positive int, got {total_steps!r}")
+    if not r >= 0:
+        raise InvalidInputError(f"r (the final fraction of the base rate) must be >= 0, got {r!r}")
+    if not kappa > 0:
+        raise InvalidInputError(f"kappa (the peak multiple) must be positive, got {kappa!r}")
+
+
+class _FractionSchedule(LRScheduler):
+    """alpha_t = alpha_0 * factor(t / T), closed form in t (not chained)."""
+
+    total_steps: int
+
+    def factor(self, s: Fraction) -> Fraction:
+        raise NotImplementedError
+
+    def get_lr(self) -> list[float]:
+        f = float(self.factor(Fraction(max(self.last_epoch, 0), self.total_steps)))
+        return [base_lr * f for base_lr in self.base_lrs]
+
+    _get_closed_form_lr = get_lr
+
+
+class PaperSchedule(_FractionSchedule):
+    """Eq. 12: flat until 50% of training, linear decay to ``r`` by 90%, then ``r``."""
+
+    def __init__(
+        self, optimizer: Optimizer, total_steps: int, r: float = 0.01, last_epoch: int = -1
+    ):
+        _check(total_steps, r)
+        self.total_steps, self.r = total_steps, float(r)
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, s: Fraction) -> Fraction:
+        r = Fraction(self.r)
+        if s <= _HALF:
+            return Fraction(1)
+        if s <= _NINE_TENTHS:
+            return 1 - (1 - r) * (s - _HALF) / Fraction(2, 5)
+        return r
+
+
+class WarmupSchedule(_FractionSchedule):
+    """Eq. 16: flat until 10%, ramp to ``kappa`` by 30%, decay to ``r`` by 90%, then ``r``."""
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        kappa: float = 5.0,
+        r: float = 0.01,
+        last_epoch: int = -1,
+    ):
+        _check(total_steps, r, kappa)
+        self.total_steps, self.kappa, self.r = total_steps, float(kappa), float(r)
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, s: Fraction) -> Fraction:
+        kappa, r = Fraction(self.kappa), Fraction(self.r)
+        if s <= _TENTH:
+            return Fraction(1)
+        if s <= _THREE_TENTHS:
+            return 1 + (kappa - 1) * (s - _TENTH) / Fraction(1, 5)
+        if s <= _NINE_TENTHS:
+            return kappa - (kappa - r) * (s - _THREE_TENTHS) / Fraction(3, 5)
+        return r
+
+
+def paper_schedule(optimizer: Optimizer, total_steps: int, r: float = 0.01) -> PaperSchedule:
+    """The paper's eq. 12 schedule (see :class:`PaperSchedule`)."""
+    return PaperSchedule(optimizer, total_steps, r=r)
+
+
+def warmup_schedule(
+    optimizer: Optimizer, total_steps: int, kappa: float = 5.0, r: float = 0.01
+) -> WarmupSchedule:
+    """The paper's eq. 16 warm-up schedule (see :class:`WarmupSchedule`)."""
+    return WarmupSchedule(optimizer, total_steps, kappa=kappa, r=r)
