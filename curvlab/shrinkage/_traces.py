@@ -1,0 +1,122 @@
+"""The trace statistics every linear shrinkage rule needs (DESIGN.md section 4).
+
+For n matrix observations M_k (p x p) with mean S, Ledoit–Wolf, OAS and the RMT rule are
+functions of four numbers: tr S, tr S^2 = ||S||_F^2, (tr S)^2 and the dispersion
+sum_k ||M_k - S||_F^2. They come exactly from explicit samples (vectors x_k with
+M_k = x_k x_k^T through the smaller of the two Gram matrices, or explicit matrices), or
+matrix-free from an operator's per-sample products with shared unit probes v:
+with u_k = M_k v, u_bar = S v, a = v^T u_bar, b = ||u_bar||^2, c = sum_k ||u_k - u_bar||^2,
+
+    tr S ~ p a,   tr S^2 ~ p b,   sum_k ||M_k - S||^2 ~ p c,
+    (tr S)^2 ~ p ((p + 2) a^2 - 2 b),
+
+all unbiased for v uniform on the unit sphere (the last one is the unit-sphere correction
+(p + 2)/p (||Av||^2 - (v^T A v)^2) = ||A - tr(A)/p I||^2 / p rearranged).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from curvlab import distributed as dist
+from curvlab._random import Seed, make_generator, unit_sphere
+from curvlab.errors import InvalidInputError
+
+FIELDS = ("trace", "trace_sq", "trace_squared", "dispersion")
+
+
+@dataclass(frozen=True)
+class TraceStats:
+    """Per-probe statistics ([m] tensors, m = 1 when exact) of n observations in dimension p."""
+
+    n: int
+    p: int
+    trace: torch.Tensor
+    trace_sq: torch.Tensor
+    trace_squared: torch.Tensor
+    dispersion: torch.Tensor
+    n_matvecs: int = 0
+    exact: bool = True
+
+    @property
+    def n_probes(self) -> int:
+        return int(self.trace.numel())
+
+    def mean(self, name: str) -> float:
+        return float(getattr(self, name).mean())
+
+    def drop(self, j: int) -> TraceStats:
+        """The statistics without probe ``j`` (for jackknife standard errors)."""
+        keep = torch.arange(self.n_probes) != j
+        return replace(self, **{f: getattr(self, f)[keep] for f in FIELDS})
+
+
+def _scalar(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().reshape(1).to(torch.float64)
+
+
+def vector_stats(X: torch.Tensor, S: torch.Tensor | None = None) -> TraceStats:
+    """Exact statistics of M_k = x_k x_k^T for the rows of X [n, p] (already centred or not).
+
+    tr S^2 uses the smaller Gram matrix (X X^T or X^T X, or ``S`` = X^T X / n if given);
+    sum_k ||M_k - S||^2 = sum_k ||x_k||^4 - n ||S||^2.
+    """
+    n, p = X.shape
+    sq_norms = (X * X).sum(dim=1)
+    if S is None:
+        gram = X @ X.T if n <= p else X.T @ X
+        trace_sq = (gram * gram).sum() / n**2
+    else:
+        trace_sq = (S * S).sum()
+    trace = sq_norms.sum() / n
+    dispersion = (sq_norms * sq_norms).sum() - n * trace_sq
+    return TraceStats(n, p, _scalar(trace), _scalar(trace_sq), _scalar(trace**2),
+                      _scalar(dispersion))
+
+
+def matrix_stats(M: torch.Tensor) -> tuple[TraceStats, torch.Tensor]:
+    """Exact statistics of explicit symmetric matrices M [n, p, p]; also returns their mean S."""
+    n, p, _ = M.shape
+    if not torch.allclose(M, M.transpose(1, 2), rtol=1e-6, atol=1e-8 * float(M.abs().max())):
+        raise InvalidInputError("per-sample matrices must be symmetric; pass (M + M^T) / 2")
+    S = M.mean(dim=0)
+    trace = torch.diagonal(S).sum()
+    stats = TraceStats(n, p, _scalar(trace), _scalar((S * S).sum()), _scalar(trace**2),
+                       _scalar(((M - S) ** 2).sum()))
+    return stats, S
+
+
+def probe_stats(op, n_probes: int, seed: Seed) -> TraceStats:
+    """Matrix-free statistics from ``op.group_matvecs(v, 1)`` with shared unit probes.
+
+    Sums over samples are all-reduced under ``torch.distributed`` when ``op.distributed``,
+    so every rank gets the statistics of the union of the shards.
+    """
+    if n_probes < 2:
+        raise InvalidInputError(f"n_probes must be >= 2 (for a standard error), got {n_probes}")
+    p = int(op.num_params)
+    gen = make_generator(seed, op.device)
+    rows: dict[str, list[torch.Tensor]] = {f: [] for f in FIELDS}
+    n_total, n_matvecs = 0, 0
+    for _ in range(n_probes):
+        v = unit_sphere((p,), generator=gen, dtype=op.dtype, device=op.device)
+        U = op.group_matvecs(v, 1)
+        n_matvecs += U.shape[0]
+        shared = getattr(op, "distributed", False)
+        head = torch.cat([U.sum(dim=0), U.new_tensor([U.shape[0]])])
+        head = dist.all_reduce_sum(head) if shared else head
+        n_total = round(float(head[-1]))
+        u_bar = head[:-1] / n_total
+        centred = ((U - u_bar) ** 2).sum()  # second pass: accurate when u_bar dominates
+        centred = dist.all_reduce_sum(centred) if shared else centred
+        a, b = v @ u_bar, u_bar @ u_bar
+        rows["trace"].append(p * a)
+        rows["trace_sq"].append(p * b)
+        rows["trace_squared"].append(p * ((p + 2) * a * a - 2 * b))
+        rows["dispersion"].append(p * centred)
+    if n_total < 2:
+        raise InvalidInputError(f"need at least 2 samples for a dispersion, got {n_total}")
+    stacked = {f: torch.stack(rows[f]).detach().to(torch.float64) for f in FIELDS}
+    return TraceStats(n_total, p, **stacked, n_matvecs=n_matvecs, exact=False)

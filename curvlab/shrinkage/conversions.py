@@ -1,0 +1,47 @@
+"""Damping <-> linear shrinkage toward a scaled identity (DESIGN.md section 4, paper eq. 13).
+
+For a curvature estimate H and a target tau * I,
+
+    (1 - rho) H + rho tau I = (1 - rho) (H + delta I),   delta = tau rho / (1 - rho),
+                                                          rho = delta / (tau + delta),
+
+so a step with damping delta equals a step with the shrunk matrix and the learning rate
+scaled by beta = 1 - rho; for the identity target (tau = 1) beta = 1 / (1 + delta).
+"""
+
+from __future__ import annotations
+
+import math
+
+from curvlab.errors import InvalidInputError
+
+
+def _check_scale(tau: float) -> float:
+    tau = float(tau)
+    if not math.isfinite(tau) or tau <= 0:
+        raise InvalidInputError(f"the target scale tau must be a positive number, got {tau}")
+    return tau
+
+
+def damping_to_shrinkage(delta: float, tau: float = 1.0) -> float:
+    """rho = delta / (tau + delta): the shrinkage toward tau * I equal to damping delta >= 0."""
+    tau, delta = _check_scale(tau), float(delta)
+    if math.isnan(delta) or delta < 0:
+        raise InvalidInputError(f"the damping must be >= 0, got {delta}")
+    return 1.0 if math.isinf(delta) else delta / (tau + delta)
+
+
+def shrinkage_to_damping(rho: float, tau: float = 1.0) -> float:
+    """delta = tau rho / (1 - rho): the damping equal to shrinkage rho in [0, 1] toward tau * I.
+
+    rho = 1 (the target alone) is infinite damping.
+    """
+    tau, rho = _check_scale(tau), float(rho)
+    if not 0.0 <= rho <= 1.0:
+        raise InvalidInputError(f"the shrinkage must lie in [0, 1], got {rho}")
+    return math.inf if rho == 1.0 else tau * rho / (1.0 - rho)
+
+
+def learning_rate_scale(delta: float, tau: float = 1.0) -> float:
+    """beta = 1 - rho = tau / (tau + delta); 1 / (1 + delta) for the identity target (eq. 13)."""
+    return 1.0 - damping_to_shrinkage(delta, tau)
