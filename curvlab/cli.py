@@ -1,0 +1,298 @@
+"""The ``curvlab`` command: ``tour``, ``experiment NAME`` and ``backends``.
+
+Exit codes: 0 success, 1 a curvlab error at run time (one line on stderr), 2 a usage error
+(bad arguments; argparse's message, no traceback), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from curvlab.errors import CurvlabError
+
+EXPERIMENTS = (
+    "theorem1",
+    "algorithm1",
+    "lanczos_damping",
+    "damping_sweep",
+    "autodamping",
+    "stable_lr",
+)
+SCALES = ("smoke", "fast", "paper")
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"seed must be a non-negative integer, got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise argparse.ArgumentTypeError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {text!r}")
+    if kind == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} requested but torch {torch.__version__} sees no CUDA device; "
+                "use --device cpu"
+            )
+        if index and int(index) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    return text
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"threads must be a positive integer, got {text!r}")
+    return value
+
+
+def _out_dir(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"--out {text!r} exists and is not a directory")
+    return path
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument(
+        "--out",
+        type=_out_dir,
+        default=Path(default_out),
+        metavar="DIR",
+        help=f"output folder, created if needed (default: {default_out})",
+    )
+    parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_threads,
+        default=1,
+        metavar="N",
+        help="torch CPU threads (default: 1: the models are small, and extra threads slow "
+        "them down badly on a busy machine)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=sys.stderr.isatty(),
+        help="no progress bars (default: shown on a terminal)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from curvlab import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="curvlab",
+        description="Curvature of neural-network losses through one interface over BackPACK, "
+        "PyHessian, KFAC and autograd, with random-matrix damping.",
+    )
+    parser.add_argument("--version", action="version", version=f"curvlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    tour = sub.add_parser(
+        "tour",
+        help="the guided tour on scikit-learn's digits (report.md, PNGs, results.json)",
+        description="Train a small classifier on scikit-learn's digits and write report.md, "
+        "PNG figures and results.json: the Hessian spectrum with its bulk and outliers, top "
+        "eigenvalues from every installed backend, the noise-variance damping, the shrinkage "
+        "comparison and an auto-damped training run. About 5 minutes on 2 CPU cores "
+        "(--fast: under a minute).",
+    )
+    tour.add_argument("--fast", action="store_true", help="reduced sizes (under a minute)")
+    _common(tour, "curvlab-tour")
+    tour.set_defaults(func=cmd_tour)
+
+    exp = sub.add_parser(
+        "experiment",
+        help="reproduce one of the paper's claims (or 'all')",
+        description="Run a paper-claim experiment; writes NAME.json, CSV, PNG and NAME.md (its "
+        "report section with a computed verdict). Experiments: "
+        + ", ".join(EXPERIMENTS)
+        + ". 'all' runs every one and writes report.md.",
+    )
+    exp.add_argument(
+        "name",
+        choices=(*EXPERIMENTS, "all"),
+        metavar="NAME",
+        help="one of: " + ", ".join((*EXPERIMENTS, "all")),
+    )
+    size = exp.add_mutually_exclusive_group()
+    size.add_argument(
+        "--scale",
+        choices=SCALES,
+        default="fast",
+        help="smoke (seconds, for tests), fast (CPU, minutes; default) or paper "
+        "(the larger setting documented in each experiment, for a GPU)",
+    )
+    size.add_argument(
+        "--fast", dest="scale", action="store_const", const="fast", help="same as --scale fast"
+    )
+    _common(exp, "curvlab-results")
+    exp.set_defaults(func=cmd_experiment)
+
+    back = sub.add_parser(
+        "backends",
+        help="list the backends, whether they are installed, what they compute",
+        description="Print every registered backend with its availability, curvatures, "
+        "capabilities and the install command of missing ones.",
+    )
+    back.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    back.set_defaults(func=cmd_backends)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _setup(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+
+
+def cmd_tour(args) -> int:
+    _setup(args)
+    from curvlab.experiments import tour
+
+    results = tour.run(
+        args.out, fast=args.fast, seed=args.seed, device=args.device, progress=args.progress
+    )
+    spec, noise = results["spectrum"], results["noise"]
+    n_out = spec.get("n_outliers")
+    bound = "at least " if n_out == len(spec["top_eigenvalues"]) else ""
+    print(f"curvlab tour: {results['wall_time_s']:.0f} s; report in {args.out / 'report.md'}")
+    print(
+        f"  Hessian: lambda_1 = {spec['top_eigenvalues'][0]:.4g}, "
+        f"{bound}{n_out} outliers beyond the fitted bulk edge"
+    )
+    print(
+        f"  damping for batch {noise['batch_size']}: {noise['damping']:.4g} "
+        f"+- {noise['stderr']:.2g}"
+    )
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    _setup(args)
+    from curvlab.experiments._common import verdict_word
+
+    if args.scale == "paper" and not args.device.startswith("cuda"):
+        print(
+            "curvlab: note: --scale paper is sized for a GPU; on the CPU it takes long",
+            file=sys.stderr,
+        )
+    names = EXPERIMENTS if args.name == "all" else (args.name,)
+    summary = {}
+    for name in names:
+        module = importlib.import_module(f"curvlab.experiments.{name}")
+        results = module.run(
+            args.out, scale=args.scale, seed=args.seed, device=args.device, progress=args.progress
+        )
+        summary[name] = results["supports"]
+        print(
+            f"{name}: {verdict_word(results['supports'])} the paper's claim "
+            f"({results['wall_time_s']:.0f} s) -> {args.out / (name + '.md')}"
+        )
+        for check in results["checks"]:
+            print(f"  {verdict_word(check['supports'])}: {check['claim']}")
+    if args.name == "all":
+        sections = [(args.out / f"{n}.md").read_text() for n in names]
+        head = (
+            f"# curvlab: the paper's claims, reproduced (scale {args.scale}, seed "
+            f"{args.seed})\n\n"
+            + "\n".join(f"- {n}: {verdict_word(summary[n])}" for n in names)
+            + "\n\n"
+        )
+        (args.out / "report.md").write_text(head + "\n".join(sections))
+        with open(args.out / "results.json", "w") as fh:
+            json.dump({"scale": args.scale, "seed": args.seed, "supports": summary}, fh, indent=1)
+    return 0
+
+
+def cmd_backends(args) -> int:
+    from curvlab.registry import backends
+
+    infos = backends()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    name: {
+                        "available": i.available,
+                        "curvatures": sorted(i.curvatures),
+                        "capabilities": sorted(i.capabilities),
+                        "install": i.install_hint,
+                        "description": i.description,
+                    }
+                    for name, i in infos.items()
+                },
+                indent=1,
+            )
+        )
+        return 0
+    rows = [("backend", "installed", "curvatures", "capabilities")]
+    for name, info in infos.items():
+        rows.append(
+            (
+                name,
+                "yes" if info.available else "no",
+                ",".join(sorted(info.curvatures)) or "-",
+                ",".join(sorted(info.capabilities)),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
+    missing = [(n, i.install_hint) for n, i in infos.items() if not i.available]
+    for name, hint in missing:
+        print(f"\n{name}: {hint}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``curvlab`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CurvlabError as exc:
+        message = " ".join(str(exc).split())
+        print(f"curvlab: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("curvlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
