@@ -506,7 +506,8 @@ class KFACEstimator(CurvatureEstimator):
     def _matvec(self, V: torch.Tensor) -> torch.Tensor:
         computed = self._computed()
         with torch.no_grad():
-            return computed.scale * (computed.operator @ V)
+            out = computed.operator @ V
+        return out if computed.scale == 1.0 else out.mul_(computed.scale)
 
     def _diagonal(self) -> torch.Tensor:
         computed = self._computed()

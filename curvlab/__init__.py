@@ -46,6 +46,8 @@ __all__ = [
 
 _LAZY = {
     "LinearShrinkageDamper": ("curvlab.damping", "LinearShrinkageDamper"),
+    "noise_variance": ("curvlab.noise", "noise_variance"),
+    "plot_spectral_density": ("curvlab.plotting", "plot_spectral_density"),
     "rmt": ("curvlab.rmt", None),
     "shrinkage": ("curvlab.shrinkage", None),
     "optim": ("curvlab.optim", None),

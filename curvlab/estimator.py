@@ -208,11 +208,13 @@ class CurvatureEstimator(abc.ABC):
 
         return trace(self, n_matvecs=n_matvecs, method=method, seed=seed)
 
-    def trace_of_square(self, n_matvecs: int = 60, seed: Seed = 0) -> Estimate:
-        """Stochastic estimate of Tr H^2 = E||Hv||^2."""
+    def trace_of_square(
+        self, n_matvecs: int = 60, method: str = "hutchinson", seed: Seed = 0
+    ) -> Estimate:
+        """Stochastic estimate of Tr H^2 = E||Hz||^2 with a standard error."""
         from curvlab.spectral.trace import trace_of_square
 
-        return trace_of_square(self, n_matvecs=n_matvecs, seed=seed)
+        return trace_of_square(self, n_matvecs=n_matvecs, method=method, seed=seed)
 
     def diagonal(
         self, method: str | None = None, n_matvecs: int = 100, seed: Seed = 0
@@ -234,11 +236,17 @@ class CurvatureEstimator(abc.ABC):
         batch_size: int = 128,
         n_probes: int = 10,
         method: str = "unbiased",
-        subsample: int | None = None,
+        subsample: int | torch.Tensor | None = None,
         seed: Seed = 0,
-        **kwargs: Any,
+        *,
+        group_size: int = 1,
+        source: str = "matvec",
+        population: float | None = None,
     ) -> NoiseEstimate:
-        """Hessian noise variance P^-1 E||H_B - H||_F^2 for batches of ``batch_size``."""
+        """Hessian noise variance P^-1 E||H_B - H||_F^2 for batches of ``batch_size``.
+
+        The paper's optimal damping (eq. 15); see :func:`curvlab.noise.noise_variance`.
+        """
         from curvlab.noise import noise_variance
 
         return noise_variance(
@@ -247,6 +255,8 @@ class CurvatureEstimator(abc.ABC):
             n_probes=n_probes,
             method=method,
             subsample=subsample,
+            group_size=group_size,
+            source=source,
+            population=population,
             seed=seed,
-            **kwargs,
         )

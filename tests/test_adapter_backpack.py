@@ -18,10 +18,10 @@ from conftest import (
     model_state,
     per_sample_grads,
 )
-from curvlab.adapters.backpack import BackpackEstimator
 from torch import nn
 
 import curvlab
+from curvlab.adapters.backpack import BackpackEstimator
 from curvlab.errors import InvalidInputError, UnsupportedCapabilityError, UnsupportedModelError
 
 F64 = torch.float64

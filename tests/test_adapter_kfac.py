@@ -14,10 +14,10 @@ from conftest import (
     make_model,
     model_state,
 )
-from curvlab.adapters.kfac import KFACEstimator, kronecker_factors
 from torch import nn
 
 import curvlab
+from curvlab.adapters.kfac import KFACEstimator, kronecker_factors
 from curvlab.errors import InvalidInputError, UnsupportedCapabilityError, UnsupportedModelError
 
 curvlinops = pytest.importorskip("curvlinops")

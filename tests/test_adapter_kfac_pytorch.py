@@ -9,10 +9,10 @@ import sys
 import pytest
 import torch
 from conftest import make_data, make_model
-from curvlab.adapters.kfac_pytorch import damping_schedule
 from torch import nn
 
 import curvlab
+from curvlab.adapters.kfac_pytorch import damping_schedule
 from curvlab.errors import InvalidInputError, UnsupportedCapabilityError
 
 HAS_KFAC_PYTORCH = importlib.util.find_spec("kfac") is not None

@@ -13,7 +13,6 @@ from curvlab.errors import CurvlabWarning, InvalidInputError
 
 pytest.importorskip("curvlinops")
 from curvlab.adapters.kfac import KFACEstimator, kronecker_factors
-
 from curvlab.optim.kfac import KFAC
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # einops' torch.jit.script
