@@ -147,6 +147,20 @@ def spectrum(model, loss_fn, data, s, seed, out_dir: Path) -> dict:
             n_outliers=fit.n_outliers,
             bulk_sigma=fit.sigma,
         )
+    # The paper's model H_N = H_true + X: the noise of the N-sample Hessian has variance
+    # sigma^2 = s2 / N (batches drawn i.i.d.), so its semicircle edge is 2 sigma.
+    noise = est.noise_variance(
+        batch_size=est.num_samples, n_probes=5, population=math.inf, seed=seed
+    )
+    calibrated = rmt.fit_bulk_edge(
+        top, density=density, size=est.num_params, sigma=math.sqrt(max(noise.value, 0.0))
+    )
+    info.update(
+        noise_sigma=math.sqrt(max(noise.value, 0.0)),
+        noise_edge_right=calibrated.edge_right,
+        noise_outliers=calibrated.outliers,
+        noise_n_outliers=calibrated.n_outliers,
+    )
     plot_spectral_density(
         density,
         top,
@@ -484,6 +498,15 @@ def report(results: dict) -> str:
             + f". That is {verdict} the paper's expectation of at most as many outliers as "
             f"classes ({n_cls}); a trained network's bulk is not a semicircle, so the fitted "
             "edge is a moment-matched approximation (curvlab.rmt.fit_bulk_edge)."
+        )
+        n_noise = sp["noise_n_outliers"]
+        noise_bound = n_noise == len(sp["top_eigenvalues"])
+        lines.append(
+            f"\nCalibrated instead by the measured noise (sigma^2 = s2/N = "
+            f"{sp['noise_sigma'] ** 2:.3g} for the {sp['samples']}-sample Hessian, "
+            f"curvlab.noise), the noise edge is {sp['noise_edge_right']:.3g} and "
+            f"**{'at least ' if noise_bound else ''}{n_noise} outliers** lie beyond it "
+            f"({'more than' if n_noise > n_cls else 'at most'} the {n_cls} classes)."
         )
     lines += [
         "",
