@@ -150,6 +150,12 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def begin(module, out_dir, scale: str, seed: int, device):
+    """Validate the arguments; return (device, Recorder, the scale's settings)."""
+    dev = check_args(scale, seed, device)
+    return dev, Recorder(out_dir, module.NAME, module, scale, seed, dev), module.SETTINGS[scale]
+
+
 class Recorder:
     """Writes an experiment's files into ``out_dir`` and assembles its results dict."""
 

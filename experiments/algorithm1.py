@@ -247,9 +247,7 @@ def run(
     out_dir, *, scale: str = "fast", seed: int = 0, device: str = "cpu", progress: bool = False
 ) -> dict:
     """Run the experiment (module docstring); returns the JSON content (keys: FIELDS)."""
-    dev = C.check_args(scale, seed, device)
-    rec = C.Recorder(out_dir, NAME, sys.modules[__name__], scale, seed, dev)
-    s = SETTINGS[scale]
+    dev, rec, s = C.begin(sys.modules[__name__], out_dir, scale, seed, device)
     b = s["batch_size"]
     loss_fn = nn.CrossEntropyLoss()
 

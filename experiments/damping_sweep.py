@@ -80,9 +80,7 @@ def run(
     out_dir, *, scale: str = "fast", seed: int = 0, device: str = "cpu", progress: bool = False
 ) -> dict:
     """Run the experiment (module docstring); returns the JSON content (keys: FIELDS)."""
-    dev = C.check_args(scale, seed, device)
-    rec = C.Recorder(out_dir, NAME, sys.modules[__name__], scale, seed, dev)
-    s = SETTINGS[scale]
+    dev, rec, s = C.begin(sys.modules[__name__], out_dir, scale, seed, device)
     data = load_sklearn("digits", image=True, dtype=torch.float32, device=dev, seed=seed)
     loss_fn = nn.CrossEntropyLoss()
     xh, yh = data.x_train[: s["hessian_samples"]], data.y_train[: s["hessian_samples"]]

@@ -22,15 +22,6 @@ NAMES = ("theorem1", "algorithm1", "lanczos_damping", "damping_sweep", "autodamp
 FAST_IN_DEFAULT = ("theorem1", "algorithm1")  # the others' fast mode takes > 30 s on 2 cores
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The experiments are tiny: one thread is faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _check_outputs(module, results: dict, out) -> None:
     assert tuple(results) == module.FIELDS
     assert module.FIELDS[: len(C.COMMON_FIELDS)] == C.COMMON_FIELDS

@@ -24,15 +24,6 @@ from curvlab.spectral.slq import quadrature
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small BLAS calls slow down badly when the test machine's cores are oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def sym(evals: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """Q diag(evals) Q^T with a Haar-random orthogonal Q."""
     gen = torch.Generator().manual_seed(seed)

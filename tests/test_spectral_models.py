@@ -21,15 +21,6 @@ import curvlab
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small BLAS calls slow down badly when the test machine's cores are oversubscribed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("which", ["largest", "smallest"])
 @pytest.mark.parametrize("name", MODELS)
 def test_eigenpairs_of_model_hessians(name, which):

@@ -221,7 +221,7 @@ class EigenvalueClipping(_SpectralCleaning):
         tw = TW1_QUANTILE_99 if self.tw_quantile is None else self.tw_quantile
         kw = {} if nodes is None else {"nodes": nodes, "weights": weights, "size": p}
         fit = fit_bulk_edge(values, model=self.model, tw_quantile=tw, **kw)
-        lo, hi = fit.edge_left - fit.tracy_widom_margin, fit.edge_right + fit.tracy_widom_margin
+        lo, hi = fit.lower, fit.upper  # edges plus the Tracy-Widom (and quadrature) margin
         inside = (values >= lo) & (values <= hi)
         self.edge_ = (fit.edge_left, fit.edge_right)
         self.n_outliers_ = int((~inside).sum())
