@@ -371,6 +371,17 @@ class BackpackEstimator(CurvatureEstimator):
         """[N_local, P]: gradients of each sample's loss l_n (their mean is the gradient)."""
         return self._per_sample(bpx.BatchGrad)
 
+    def per_sample_sqrt_ggn(self) -> torch.Tensor:
+        """[N_local, M, P]: factors F_n with GGN_n = F_n^T F_n for each sample's loss l_n.
+
+        SqrtGGNExact (M = outputs), or SqrtGGNMC (M = mc_samples) for the MC Fisher.
+        """
+        if self.curvature not in ("ggn", "fisher"):
+            raise UnsupportedCapabilityError(
+                f"GGN square roots need curvature 'ggn' or 'fisher', not {self.curvature!r}"
+            )
+        return torch.cat([n**0.5 * s.transpose(0, 1) for n, s in self._sqrt_factors()])
+
     def per_sample_diagonal(self, kind: str = "ggn") -> torch.Tensor:
         """[N_local, P]: diagonal of each sample's "ggn", "ggn_mc" or "hessian" of l_n.
 

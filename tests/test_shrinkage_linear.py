@@ -148,6 +148,28 @@ def test_gram_route_equals_sklearn_on_gradients(ef_estimator):
         torch.testing.assert_close(a.matvec(a.solve(V)), V, rtol=1e-8, atol=1e-8)
 
 
+def test_gram_route_with_ggn_square_roots_equals_explicit_matrices():
+    """BackPACK's per-sample GGN square roots give exact LW/OAS of per-sample GGNs."""
+    pytest.importorskip("backpack")
+    from conftest import dense_ggn, make_data, make_model
+
+    import curvlab
+
+    model = make_model("tanh_mlp")
+    x, y = make_data("tanh_mlp", n=16)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    est = curvlab.estimator("backpack", model, loss_fn, [(x[:10], y[:10]), (x[10:], y[10:])],
+                            curvature="ggn")
+    M = torch.stack([dense_ggn(model, loss_fn, x[i : i + 1], y[i : i + 1]) for i in range(16)])
+    for cls in (LedoitWolf, OAS):
+        a = cls(exact=True).fit(est)
+        b = cls().fit(M)
+        assert a.shrinkage_ == pytest.approx(b.shrinkage_, rel=1e-10)
+        v = torch.randn(est.num_params, dtype=F64, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(a.matvec(v), torch.as_tensor(b.covariance_) @ v)
+        torch.testing.assert_close(a.matvec(a.solve(v)), v, rtol=1e-8, atol=1e-8)
+
+
 def test_probe_route_on_estimator(ef_estimator):
     exact = LedoitWolf(exact=True).fit(ef_estimator)
     approx = LedoitWolf(exact=False, n_probes=24, seed=0).fit(ef_estimator)

@@ -4,6 +4,7 @@ For n matrix observations M_k (p x p) with mean S, Ledoit–Wolf, OAS and the RM
 functions of four numbers: tr S, tr S^2 = ||S||_F^2, (tr S)^2 and the dispersion
 sum_k ||M_k - S||_F^2. They come exactly from explicit samples (vectors x_k with
 M_k = x_k x_k^T through the smaller of the two Gram matrices, or explicit matrices), or
+per-sample factors F_k with M_k = F_k^T F_k (gradients, GGN square roots), or
 matrix-free from an operator's per-sample products with shared unit probes v:
 with u_k = M_k v, u_bar = S v, a = v^T u_bar, b = ||u_bar||^2, c = sum_k ||u_k - u_bar||^2,
 
@@ -58,20 +59,28 @@ def _scalar(x: torch.Tensor) -> torch.Tensor:
 
 
 def vector_stats(X: torch.Tensor, S: torch.Tensor | None = None) -> TraceStats:
-    """Exact statistics of M_k = x_k x_k^T for the rows of X [n, p] (already centred or not).
+    """Exact statistics of M_k = x_k x_k^T for the rows of X [n, p] (already centred or not)."""
+    return factor_stats(X[:, None, :], S)
 
-    tr S^2 uses the smaller Gram matrix (X X^T or X^T X, or ``S`` = X^T X / n if given);
-    sum_k ||M_k - S||^2 = sum_k ||x_k||^4 - n ||S||^2.
+
+def factor_stats(F: torch.Tensor, S: torch.Tensor | None = None) -> TraceStats:
+    """Exact statistics of M_k = F_k^T F_k for per-sample factors F [n, m, p].
+
+    Rows of F_k are per-sample gradients (m = 1) or the columns of a GGN square root
+    (m = outputs or MC samples). tr S = sum_k ||F_k||^2 / n; tr S^2 = ||F^T F||^2 / n^2 from
+    the smaller Gram matrix of the [n m, p] stack (or from ``S`` = F^T F / n if given);
+    sum_k ||M_k - S||^2 = sum_k ||F_k F_k^T||^2 - n tr S^2.
     """
-    n, p = X.shape
-    sq_norms = (X * X).sum(dim=1)
+    n, m, p = F.shape
     if S is None:
-        gram = X @ X.T if n <= p else X.T @ X
+        flat = F.reshape(n * m, p)
+        gram = flat @ flat.T if n * m <= p else flat.T @ flat
         trace_sq = (gram * gram).sum() / n**2
     else:
         trace_sq = (S * S).sum()
-    trace = sq_norms.sum() / n
-    dispersion = (sq_norms * sq_norms).sum() - n * trace_sq
+    small = F @ F.transpose(1, 2)  # [n, m, m]: ||M_k||_F = ||F_k F_k^T||_F
+    trace = torch.diagonal(small, dim1=1, dim2=2).sum() / n
+    dispersion = (small * small).sum() - n * trace_sq
     return TraceStats(n, p, _scalar(trace), _scalar(trace_sq), _scalar(trace**2),
                       _scalar(dispersion))
 

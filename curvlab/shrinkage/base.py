@@ -26,7 +26,13 @@ import torch
 
 from curvlab._random import Seed
 from curvlab.errors import InvalidInputError, NotConvergedWarning, NumericalError
-from curvlab.shrinkage._traces import TraceStats, matrix_stats, probe_stats, vector_stats
+from curvlab.shrinkage._traces import (
+    TraceStats,
+    factor_stats,
+    matrix_stats,
+    probe_stats,
+    vector_stats,
+)
 
 
 class BaseShrinkage:
@@ -153,7 +159,7 @@ class LinearShrinkage(BaseShrinkage):
         """Fit from samples [n, p], per-sample matrices [n, p, p] or a curvature estimator."""
         for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
             delattr(self, name)
-        self._op = self._factors = None
+        self._op = self._factors = self._factor_samples = None
         self._numpy = False
         if is_operator(X):
             stats = self._operator_stats(X) if self._needs_stats else None
@@ -181,20 +187,17 @@ class LinearShrinkage(BaseShrinkage):
         return self
 
     def _operator_stats(self, op: Any) -> TraceStats:
-        can_gram = (
-            getattr(op, "curvature", None) == "ef"
-            and hasattr(op, "per_sample_gradients")
-            and not getattr(op, "distributed", False)  # gradients are per rank
-        )
-        if self.exact and not can_gram:
+        factors = None if self.exact is False else exact_factors(op)
+        if self.exact and factors is None:
             raise InvalidInputError(
-                "exact=True needs per-sample gradients on one process (curvature='ef' on a "
-                "backend with per_sample_gradients, e.g. 'autograd'); use exact=None for probes"
+                "exact=True needs per-sample factors on one process: per-sample gradients "
+                "(curvature='ef', e.g. on 'autograd') or GGN square roots (curvature 'ggn' or "
+                "'fisher' on 'backpack'); use exact=None for probes"
             )
-        if can_gram and self.exact is not False:
-            G = op.per_sample_gradients().detach()
-            self._factors = G
-            return vector_stats(G)
+        if factors is not None:
+            n = factors.shape[0]
+            self._factors, self._factor_samples = factors.reshape(-1, factors.shape[-1]), n
+            return factor_stats(factors)
         if not is_sample_operator(op):
             raise InvalidInputError(
                 f"{type(self).__name__} needs per-sample products: pass a curvature estimator "
@@ -234,7 +237,7 @@ class LinearShrinkage(BaseShrinkage):
     def _S_matvec(self, V: torch.Tensor) -> torch.Tensor:
         if self._factors is not None:
             G = self._factors
-            return G.T @ (G @ V) / G.shape[0]
+            return G.T @ (G @ V) / self._factor_samples
         return self._op.matvec(V)
 
     def matvec(self, v):
@@ -266,17 +269,30 @@ class LinearShrinkage(BaseShrinkage):
         return out.cpu().numpy() if numpy else out
 
     def _woodbury(self, V: torch.Tensor) -> torch.Tensor:
-        """(G^T G / n + delta I)^-1 V = (V - G^T (n delta I + G G^T)^-1 G V) / delta."""
+        """(G^T G / n + delta I)^-1 V = (V - G^T (n delta I + G G^T)^-1 G V) / delta, with G
+        the [n m, p] stack of the n samples' factors."""
         G, delta = self._factors, self.damping_
         if not delta > 0:
             raise NumericalError(
                 f"the shrunk matrix is singular or indefinite (damping {delta}); "
                 "use a FixedShrinkage with a positive damping"
             )
-        n = G.shape[0]
         K = G @ G.T
-        K.diagonal().add_(n * delta)
+        K.diagonal().add_(self._factor_samples * delta)
         return (V - G.T @ torch.linalg.solve(K, G @ V)) / delta
+
+
+def exact_factors(op: Any) -> torch.Tensor | None:
+    """[n, m, p] per-sample factors with M_k = F_k^T F_k where the estimator has them on one
+    process: per-sample gradients for "ef", GGN square roots for "ggn"/"fisher"."""
+    if getattr(op, "distributed", False):  # factors are per rank
+        return None
+    curvature = getattr(op, "curvature", None)
+    if curvature == "ef" and hasattr(op, "per_sample_gradients"):
+        return op.per_sample_gradients().detach()[:, None, :]
+    if curvature in ("ggn", "fisher") and hasattr(op, "per_sample_sqrt_ggn"):
+        return op.per_sample_sqrt_ggn().detach()
+    return None
 
 
 def conjugate_gradient(matvec, B: torch.Tensor, *, tol: float = 1e-10,
