@@ -19,7 +19,6 @@ from curvlab.experiments import _common as C
 from curvlab.experiments import algorithm1, data, lanczos_damping
 
 NAMES = ("theorem1", "algorithm1", "lanczos_damping", "damping_sweep", "autodamping", "stable_lr")
-FAST_IN_DEFAULT = ("theorem1", "algorithm1")  # the others' fast mode takes > 30 s on 2 cores
 
 
 def _check_outputs(module, results: dict, out) -> None:
@@ -50,10 +49,7 @@ def test_smoke_scale_runs_and_documents_fields(name, tmp_path):
     _check_outputs(module, results, tmp_path)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [n if n in FAST_IN_DEFAULT else pytest.param(n, marks=pytest.mark.slow) for n in NAMES],
-)
+@pytest.mark.parametrize("name", NAMES)
 def test_fast_scale_runs_and_documents_fields(name, tmp_path):
     module = importlib.import_module(f"curvlab.experiments.{name}")
     results = module.run(tmp_path, scale="fast", seed=0)
