@@ -12,6 +12,8 @@ import copy
 import importlib.util
 import itertools
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,50 +105,66 @@ def test_backends_in_any_order_leave_the_model_and_each_other_alone(order, fresh
         assert torch.equal(a, b)
 
 
-def _rss_mib() -> float:
+#: Runs in a fresh process, so memory freed by earlier tests cannot hide growth in RSS.
+#: Prints the RSS growth (MiB) over 1000 products after 50 warm-up products.
+_MEMORY_PROBE = """
+import os, sys, torch
+from torch import nn
+import curvlab
+
+def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
-
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+gen = torch.Generator().manual_seed(1)
+x = torch.randn(32, 5, dtype=torch.float64, generator=gen)
+y = torch.randint(0, 3, (32,), generator=gen)
+loss_fn = nn.CrossEntropyLoss()
+name, curvature = sys.argv[1], sys.argv[2]
+if name == "leak":  # the control: keep every product's graph alive
+    ps = list(model.parameters())
+    grads = torch.autograd.grad(loss_fn(model(x), y), ps, create_graph=True)
+    def product():
+        ones = [torch.ones_like(p) for p in ps]
+        return torch.autograd.grad(grads, ps, ones, retain_graph=True, create_graph=True)
+else:
+    est = curvlab.estimator(name, model, loss_fn, (x, y), curvature=curvature)
+    v = torch.randn(est.num_params, dtype=torch.float64, generator=gen)
+    def product():
+        out = est.matvec(v)
+        assert not out.requires_grad and out.grad_fn is None
+        return out
+kept = [product() for _ in range(50)][-1:]
+start = rss()
+kept += [product() for _ in range(1000)] if name == "leak" else []
+for _ in range(0 if name == "leak" else 1000):
+    product()
+assert all(p.grad is None for p in model.parameters())
+print(rss() - start)
+"""
 LEAK_MIB = 10.0  # a graph kept per product costs ~60 MiB over 1000 products on this model
 
 
-def _leak_problem():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).to(F64)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(32, 5, dtype=F64, generator=gen)
-    y = torch.randint(0, 3, (32,), generator=gen)
-    return model, nn.CrossEntropyLoss(), (x, y)
+def _rss_growth(name: str, curvature: str = "hessian") -> float:
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, name, curvature],
+        check=True, capture_output=True, text=True,
+    )
+    return float(out.stdout.split()[-1])
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 def test_the_memory_probe_detects_a_retained_graph():
-    model, loss_fn, (x, y) = _leak_problem()
-    ps = list(model.parameters())
-    grads = torch.autograd.grad(loss_fn(model(x), y), ps, create_graph=True)
-    kept = []
-    start = _rss_mib()
-    for _ in range(1000):
-        ones = [torch.ones_like(p) for p in ps]
-        kept.append(torch.autograd.grad(grads, ps, ones, retain_graph=True, create_graph=True))
-    assert _rss_mib() - start > LEAK_MIB
+    assert _rss_growth("leak") > LEAK_MIB
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
 @pytest.mark.parametrize("name", BACKENDS)
 def test_thousand_products_keep_no_graphs(name):
-    model, loss_fn, data = _leak_problem()
-    est = curvlab.estimator(name, model, loss_fn, data, curvature=CURVATURE[name])
-    v = torch.randn(est.num_params, dtype=F64, generator=torch.Generator().manual_seed(2))
-    for _ in range(50):  # warm caches and the allocator
-        est.matvec(v)
-    start = _rss_mib()
-    for _ in range(1000):
-        out = est.matvec(v)
-    assert _rss_mib() - start < LEAK_MIB
-    assert not out.requires_grad and out.grad_fn is None
-    assert all(p.grad is None for p in model.parameters())
+    assert _rss_growth(name, CURVATURE[name]) < LEAK_MIB
 
 
 # ---------------------------------------------------------------------- agreement
