@@ -105,11 +105,13 @@ def plot_spectral_density(
             ax.hist(values, bins=bins, density=True, color="C0", alpha=0.6, label="eigenvalues")
         if bulk is not None:
             _draw_bulk(ax, bulk)
+        peak = np.nanmax(_numpy(density.density)) if density is not None else 0.0
         if log:
             ax.set_yscale("log")
-            peak = np.nanmax(_numpy(density.density)) if density is not None else 0.0
             if peak > 0:
                 ax.set_ylim(_LOG_FLOOR * peak, 3 * peak)
+        elif peak > 0:  # keep a narrow fitted law from flattening the measured density
+            ax.set_ylim(0, 1.15 * peak)
         ax.set_xlabel("eigenvalue")
         ax.set_ylabel("density (log scale)" if log else "density")
     handles, labels = axes[0].get_legend_handles_labels()

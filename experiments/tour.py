@@ -152,9 +152,12 @@ def spectrum(model, loss_fn, data, s, seed, out_dir: Path) -> dict:
     noise = est.noise_variance(
         batch_size=est.num_samples, n_probes=5, population=math.inf, seed=seed
     )
-    calibrated = rmt.fit_bulk_edge(
-        top, density=density, size=est.num_params, sigma=math.sqrt(max(noise.value, 0.0))
-    )
+    with warnings.catch_warnings(record=True) as caught:  # reported as the lower bound
+        warnings.simplefilter("always", CurvlabWarning)
+        calibrated = rmt.fit_bulk_edge(
+            top, density=density, size=est.num_params, sigma=math.sqrt(max(noise.value, 0.0))
+        )
+    info.setdefault("bulk_fit_warnings", []).extend(str(w.message) for w in caught)
     info.update(
         noise_sigma=math.sqrt(max(noise.value, 0.0)),
         noise_edge_right=calibrated.edge_right,
