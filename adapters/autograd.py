@@ -85,7 +85,7 @@ class AutogradEstimator(CurvatureEstimator):
         self.vectorize = vectorize
         self.chunk_size = chunk_size
         self._cache: list[dict] | None = None
-        self._versions: list[int] | None = None
+        self._versions: tuple[int, ...] | None = None
         self._residuals: list[torch.Tensor] | None = None
         self._check_loss()
 
@@ -97,9 +97,6 @@ class AutogradEstimator(CurvatureEstimator):
         state = {name: b.clone() for name, b in self.model.named_buffers()}
         state.update(zip(self.param_names, params))
         return functional_call(self.model, state, (x,), strict=False)
-
-    def _state_versions(self) -> list[int]:
-        return [t._version for t in self.params] + [b._version for b in self.model.buffers()]
 
     def _check_loss(self) -> None:
         x, y = self.batches[0]
@@ -117,9 +114,9 @@ class AutogradEstimator(CurvatureEstimator):
         self._versions = None
 
     def _graphs(self) -> list[dict]:
-        if self._cache is None or self._versions != self._state_versions():
+        if self._cache is None or self._versions != self._model_version():
             self._cache = [self._build(i, x, y) for i, (x, y) in enumerate(self.batches)]
-            self._versions = self._state_versions()
+            self._versions = self._model_version()
         return self._cache
 
     def _build(self, i: int, x: torch.Tensor, y: torch.Tensor) -> dict:

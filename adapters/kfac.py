@@ -466,13 +466,10 @@ class KFACEstimator(CurvatureEstimator):
         self.n_factorizations = 0
         self._factors: KroneckerFactors | None = None
         self._eigen: dict[str, LayerEigen] | None = None
-        self._versions: list[int] | None = None
+        self._versions: tuple[int, ...] | None = None
         self._computed()  # fail early on unsupported models
 
     # ------------------------------------------------------------------ caches
-    def _state_versions(self) -> list[int]:
-        return [p._version for p in self.params] + [b._version for b in self.model.buffers()]
-
     def release(self) -> None:
         self._factors = None
         self._eigen = None
@@ -480,7 +477,7 @@ class KFACEstimator(CurvatureEstimator):
 
     def _computed(self) -> KroneckerFactors:
         """Factors for the current parameters (recomputed after in-place parameter updates)."""
-        if self._factors is None or self._versions != self._state_versions():
+        if self._factors is None or self._versions != self._model_version():
             self.release()
             self._factors = kronecker_factors(
                 self.model,
@@ -499,7 +496,7 @@ class KFACEstimator(CurvatureEstimator):
                     raise NumericalError("the Kronecker factors are not finite; check the loss")
             self.n_factorizations += self._factors.n_factorizations
             self._eigen = self._factors.eigen
-            self._versions = self._state_versions()
+            self._versions = self._model_version()
         return self._factors
 
     # ------------------------------------------------------------------ products

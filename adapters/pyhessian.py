@@ -61,7 +61,7 @@ class PyHessianEstimator(CurvatureEstimator):
     def __init__(self, model, loss_fn, data, curvature="hessian", params=None, *, distributed=None):
         super().__init__(model, loss_fn, data, curvature, params, distributed=distributed)
         self._graphs: list[tuple[float, list[torch.Tensor], tuple]] | None = None
-        self._versions: list[int] | None = None
+        self._versions: tuple[int, ...] | None = None
         x, y = self.batches[0]
         with self._shield(), torch.no_grad():
             loss = check_scalar_mean_loss(loss_fn, model(x), y)
@@ -93,11 +93,6 @@ class PyHessianEstimator(CurvatureEstimator):
             for p, grad, flag in saved:
                 p.requires_grad_(flag)
                 p.grad = grad
-
-    def _state_versions(self) -> list[int]:
-        return [p._version for p in self.model.parameters()] + [
-            b._version for b in self.model.buffers()
-        ]
 
     def _build(self) -> list[tuple[float, list[torch.Tensor], tuple]]:
         """One PyHessian object per batch: (weight, its params, its gradsH) in our order."""
@@ -131,9 +126,9 @@ class PyHessianEstimator(CurvatureEstimator):
     # ------------------------------------------------------------------ products
     def _hv(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
         """PyHessian's Hessian-vector product, averaged over batches (parameter shapes)."""
-        if self._graphs is None or self._versions != self._state_versions():
+        if self._graphs is None or self._versions != self._model_version():
             self._graphs = self._build()
-            self._versions = self._state_versions()
+            self._versions = self._model_version()
         (weight, params, grads), *rest = self._graphs
         total = list(hessian_vector_product(grads, params, vs))
         if rest:

@@ -97,6 +97,12 @@ class CurvatureEstimator(abc.ABC):
     def _diagonal(self) -> torch.Tensor:
         raise UnsupportedCapabilityError(f"backend {self.backend!r} has no exact diagonal")
 
+    def _model_version(self) -> tuple[int, ...]:
+        """Changes whenever a parameter or buffer of the model is modified in place (an
+        optimizer step), so adapters know when cached graphs or factors are stale."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return tuple(t._version for t in tensors)
+
     def release(self) -> None:
         """Drop cached graphs and buffers (also happens when the estimator is collected)."""
 
