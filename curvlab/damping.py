@@ -306,7 +306,7 @@ class LinearShrinkageDamper:
         """An estimator of this damper's backend on (a subsample or reordering of) ``data``."""
         from curvlab.registry import estimator
 
-        if self.subsample is not None or self.group_size > 1:
+        if self.subsample is not None or (self.rule == "rmt" and self.group_size > 1):
             device = next(model.parameters()).device
             batches = as_batches(data, device)
             x = torch.cat([b[0] for b in batches])

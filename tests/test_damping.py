@@ -193,6 +193,12 @@ def test_ledoit_wolf_and_oas_rules(digits, rule, cls):
     assert damper.history[0].estimate == pytest.approx(expected, rel=1e-12)
     assert damper.damping == pytest.approx(expected, rel=1e-12)
     assert math.isfinite(damper.history[0].stderr)
+    # the training-loop path builds the same estimator from (model, loss, data)
+    stepped = LinearShrinkageDamper(
+        rule=rule, n_probes=4, update_every=1, ema=0.0, floor=0.0, curvature="ggn"
+    )
+    stepped.step(model, nn.CrossEntropyLoss(), (x[:100], y[:100]))
+    assert stepped.history[0].estimate == pytest.approx(expected, rel=1e-12)
 
 
 def test_fixed_rule_never_estimates():
