@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from curvlab.errors import InvalidInputError, UnsupportedModelError
+from curvlab.errors import InvalidInputError, NumericalError, UnsupportedModelError
 
 SUPPORTED = "MSELoss, CrossEntropyLoss or BCEWithLogitsLoss"
 
@@ -45,7 +45,8 @@ def check_reduction(loss_fn) -> None:
 
 
 def check_scalar_mean_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Evaluate the loss once; refuse non-scalar and non-mean-reduced losses."""
+    """Evaluate the loss on the first batch once; refuse non-scalar, non-mean-reduced and
+    non-finite losses."""
     check_reduction(loss_fn)
     loss = loss_fn(out, y)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -66,6 +67,8 @@ def check_scalar_mean_loss(loss_fn, out: torch.Tensor, y: torch.Tensor) -> torch
                 "loss_fn does not average over samples (the batch loss is not the mean of its "
                 "halves' losses); use a mean-reduced loss"
             )
+    if not torch.isfinite(loss):
+        raise NumericalError(f"the loss is {loss.item()} on the first batch; check data and model")
     return loss
 
 
@@ -87,12 +90,12 @@ def sample_residuals(
     flat = out.reshape(n, -1)
     scale = fisher_scale(kind, out) ** 0.5
     draws = []
+    if kind == "ce" and out.ndim != 2:
+        raise UnsupportedModelError(
+            "the Monte-Carlo Fisher for CrossEntropyLoss needs [N, C] logits"
+        )
     for _ in range(mc_samples):
         if kind == "ce":
-            if out.ndim != 2:
-                raise UnsupportedModelError(
-                    "the Monte-Carlo Fisher for CrossEntropyLoss needs [N, C] logits"
-                )
             probs = torch.softmax(flat, dim=1)
             labels = torch.multinomial(probs, 1, generator=generator).squeeze(1)
             r = probs - torch.nn.functional.one_hot(labels, flat.shape[1]).to(flat.dtype)

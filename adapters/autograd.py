@@ -86,7 +86,7 @@ class AutogradEstimator(CurvatureEstimator):
         self.chunk_size = chunk_size
         self._cache: list[dict] | None = None
         self._versions: tuple[int, ...] | None = None
-        self._residuals: list[torch.Tensor] | None = None
+        self._residuals: list[torch.Tensor] | None = None  # MC labels of the cached graphs
         self._check_loss()
 
     # ------------------------------------------------------------------ model access
@@ -100,26 +100,28 @@ class AutogradEstimator(CurvatureEstimator):
 
     def _check_loss(self) -> None:
         x, y = self.batches[0]
-        with torch.no_grad():
+        with torch.no_grad(), self._preserve_rng():
             out = self._forward([p.detach() for p in self.params], x)
-            loss = check_scalar_mean_loss(self.loss_fn, out, y)
-        if not torch.isfinite(loss):
-            raise NumericalError(
-                f"the loss is {loss.item()} on the first batch; check data and model"
-            )
+            check_scalar_mean_loss(self.loss_fn, out, y)
 
     # ------------------------------------------------------------------ cached graphs
     def release(self) -> None:
         self._cache = None
+        self._residuals = None
         self._versions = None
 
     def _graphs(self) -> list[dict]:
+        """Per-batch graphs for the current weights; MC labels are drawn anew (same seed)
+        whenever the weights change, so the MC Fisher follows the model's predictive."""
         if self._cache is None or self._versions != self._model_version():
-            self._cache = [self._build(i, x, y) for i, (x, y) in enumerate(self.batches)]
+            gen = make_generator(self.seed, self.device)
+            self._residuals = []
+            with self._preserve_rng():
+                self._cache = [self._build(i, x, y, gen) for i, (x, y) in enumerate(self.batches)]
             self._versions = self._model_version()
         return self._cache
 
-    def _build(self, i: int, x: torch.Tensor, y: torch.Tensor) -> dict:
+    def _build(self, i: int, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict:
         ps = self._aliases()
         weight = x.shape[0] / self.local_num_samples
         if self.curvature == "hessian":
@@ -141,31 +143,21 @@ class AutogradEstimator(CurvatureEstimator):
             "u": u,
             "jtu": _grad(out, ps, grad_outputs=u, create_graph=True),
         }
-        if self.curvature == "ef" or self.fisher_type == "mc":
-            entry["res"] = self._batch_residuals(i, out_d, g_out)
+        if self.curvature == "ef":  # true-label output gradients of each sample's loss
+            entry["res"] = (out.shape[0] * g_out.detach()).reshape(1, out.shape[0], -1)
+        elif self.fisher_type == "mc":
+            entry["res"] = sample_residuals(self.kind, out_d, self.mc_samples, gen)
+            self._residuals.append(entry["res"])
         return entry
+
+    def _preserve_rng(self):
+        """The forward passes (dropout) must not advance the user's global RNG."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
 
     @staticmethod
     def _check_finite(loss: torch.Tensor, i: int) -> None:
         if not torch.isfinite(loss):
             raise NumericalError(f"the loss is {loss.item()} on batch {i}; check data and model")
-
-    def _batch_residuals(self, i: int, out: torch.Tensor, g_out: torch.Tensor) -> torch.Tensor:
-        """[M, n, D] output-space gradient factors (true labels for EF, sampled for MC)."""
-        if self.curvature == "ef":
-            return (out.shape[0] * g_out.detach()).reshape(1, out.shape[0], -1)
-        return self._mc_residuals()[i]
-
-    def _mc_residuals(self) -> list[torch.Tensor]:
-        """Labels drawn once from the predictive (seeded), so the MC Fisher is a fixed matrix."""
-        if self._residuals is None:
-            gen = make_generator(self.seed, self.device)
-            self._residuals = []
-            for x, _ in self.batches:
-                with torch.no_grad():
-                    out = self._forward([p.detach() for p in self.params], x)
-                self._residuals.append(sample_residuals(self.kind, out, self.mc_samples, gen))
-        return self._residuals
 
     # ------------------------------------------------------------------ products
     def _matvec(self, V: torch.Tensor) -> torch.Tensor:
@@ -184,10 +176,7 @@ class AutogradEstimator(CurvatureEstimator):
             return _grad(g["grads"], g["ps"], grad_outputs=vs)
         jv = _grad(g["jtu"], g["u"], grad_outputs=vs)[0]
         if "res" in g:
-            n = jv.shape[0]
-            r = g["res"]
-            coeff = (r * jv.reshape(1, n, -1)).sum(-1, keepdim=True)
-            z = ((r * coeff).mean(0) / n).reshape(jv.shape)
+            z = _factor_product(g["res"], jv)
         else:
             z = _grad(g["g_out"], g["out_d"], grad_outputs=jv)[0]
         return _grad(g["out"], g["ps"], grad_outputs=z)
@@ -199,40 +188,36 @@ class AutogradEstimator(CurvatureEstimator):
         y = torch.cat([b[1] for b in self.batches])
         res = None
         if self.fisher_type == "mc":
-            res = torch.cat(self._mc_residuals(), dim=1)
+            self._graphs()  # draws the labels for the current weights
+            res = torch.cat(self._residuals, dim=1)
         return x, y, res
 
-    def _group_fn(self, params: dict):
+    def _group_fn(self):
         """f(x_g, y_g, r_g, v) -> curvature of the group's mean loss times v (flat).
 
         Second derivatives are reverse-over-reverse: forward-over-reverse hits immutable
         ZeroTensors in some losses' double backward (MSELoss) under torch.func.
         """
-        names = self.param_names
-        primals = tuple(params[n] for n in names)
-
-        def model_fn(ps, x):
-            return self._forward(ps, x)
+        primals = tuple(p.detach() for p in self.params)
 
         def product(x, y, r, v):
             vs = tuple(unflatten(v, self.params))
             if self.curvature == "hessian":
 
                 def directional(ps):  # v^T grad L(ps); its gradient is H v
-                    g = grad(lambda q: self.loss_fn(model_fn(q, x), y))(ps)
+                    g = grad(lambda q: self.loss_fn(self._forward(q, x), y))(ps)
                     return sum((gi * vi).sum() for gi, vi in zip(g, vs))
 
                 return flatten(grad(directional)(primals))
-            out, jv = jvp(lambda ps: model_fn(ps, x), (primals,), (vs,))
+            out, jv = jvp(lambda ps: self._forward(ps, x), (primals,), (vs,))
             n = out.shape[0]
-            if self.curvature == "ggn" or (self.curvature == "fisher" and r is None):
+            if self.curvature == "ef":
+                r = (n * grad(lambda o: self.loss_fn(o, y))(out)).reshape(1, n, -1)
+            if r is None:  # GGN, type-2 Fisher: H_out (J v)
                 z = grad(lambda o: (grad(lambda q: self.loss_fn(q, y))(o) * jv).sum())(out)
             else:
-                if self.curvature == "ef":
-                    r = (n * grad(lambda o: self.loss_fn(o, y))(out)).reshape(1, n, -1)
-                coeff = (r * jv.reshape(1, n, -1)).sum(-1, keepdim=True)
-                z = ((r * coeff).mean(0) / n).reshape(out.shape)
-            _, pullback = vjp(lambda ps: model_fn(ps, x), primals)
+                z = _factor_product(r, jv)
+            _, pullback = vjp(lambda ps: self._forward(ps, x), primals)
             return flatten(pullback(z)[0])
 
         return product
@@ -246,28 +231,9 @@ class AutogradEstimator(CurvatureEstimator):
         rg = None
         if res is not None:  # [M, N, D] -> [G, M, B, D]
             rg = res[:, :used].reshape(res.shape[0], n_groups, group_size, -1).transpose(0, 1)
-        params = {n: p.detach() for n, p in zip(self.param_names, self.params)}
-        fn = self._group_fn(params)
-        return self._map_groups(fn, xg, yg, rg, v)
-
-    def _map_groups(self, fn, xg, yg, rg, v) -> torch.Tensor:
-        if self.vectorize is not False:
-            try:
-                in_dims = (0, 0, None if rg is None else 0, None)
-                batched = vmap(fn, in_dims=in_dims, chunk_size=self.chunk_size)
-                return batched(xg, yg, rg, v)
-            except Exception as exc:  # vmap cannot trace this model (BatchNorm, dropout...)
-                if self.vectorize:
-                    raise UnsupportedModelError(
-                        f"torch.func.vmap cannot vectorize this model ({exc}); use vectorize=False"
-                    ) from exc
-                warnings.warn(
-                    f"vmap failed ({type(exc).__name__}: {exc}); looping over groups instead",
-                    CurvlabWarning,
-                    stacklevel=3,
-                )
-        rows = [fn(xg[i], yg[i], None if rg is None else rg[i], v) for i in range(xg.shape[0])]
-        return torch.stack(rows)
+        fn = self._group_fn()
+        in_dims = (0, 0, None if rg is None else 0, None)
+        return self._vectorized(fn, in_dims, (xg, yg, rg, v), n_groups)
 
     def per_sample_gradients(self) -> torch.Tensor:
         """[N, P]: gradients of each sample's loss (their mean is the full gradient)."""
@@ -280,10 +246,40 @@ class AutogradEstimator(CurvatureEstimator):
 
             return flatten(grad(loss_of)(primals))
 
+        return self._vectorized(sample_grad, (0, 0), (x, y), x.shape[0])
+
+    def _vectorized(self, fn, in_dims, args, n: int) -> torch.Tensor:
+        """``fn`` mapped over the leading dimension of the args with ``in_dims`` 0: vmap, or
+        a loop over the same function when the model cannot be vmapped (BatchNorm in train
+        mode, dropout, ...); the first failure warns once and switches to the loop."""
         if self.vectorize is not False:
             try:
-                return vmap(sample_grad, chunk_size=self.chunk_size)(x, y)
-            except Exception:
+                with self._preserve_rng():
+                    return vmap(fn, in_dims=in_dims, chunk_size=self.chunk_size)(*args)
+            except Exception as exc:
                 if self.vectorize:
-                    raise
-        return torch.stack([sample_grad(x[i], y[i]) for i in range(x.shape[0])])
+                    raise UnsupportedModelError(
+                        f"torch.func.vmap cannot vectorize this model ({exc}); use vectorize=False"
+                    ) from exc
+                warnings.warn(
+                    f"vmap failed ({type(exc).__name__}: {exc}); looping over samples/groups "
+                    "from now on",
+                    CurvlabWarning,
+                    stacklevel=4,
+                )
+                self.vectorize = False
+        with self._preserve_rng():
+            rows = [
+                fn(*(a if d is None else a[i] for a, d in zip(args, in_dims))) for i in range(n)
+            ]
+        return torch.stack(rows)
+
+
+def _factor_product(r: torch.Tensor, jv: torch.Tensor) -> torch.Tensor:
+    """Output-space product of the factor form (1/n) sum_n mean_m r_mn r_mn^T with J v.
+
+    r: [M, n, D] per-sample gradient factors (sampled labels or true labels); jv: J v.
+    """
+    n = jv.shape[0]
+    coeff = (r * jv.reshape(1, n, -1)).sum(-1, keepdim=True)
+    return ((r * coeff).mean(0) / n).reshape(jv.shape)

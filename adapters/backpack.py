@@ -45,10 +45,9 @@ from torch import nn
 
 from curvlab import distributed as dist
 from curvlab._params import flatten, unflatten
-from curvlab._random import Seed
+from curvlab._random import Seed, seed_int
 from curvlab.errors import (
     InvalidInputError,
-    NumericalError,
     UnsupportedCapabilityError,
     UnsupportedModelError,
 )
@@ -147,11 +146,7 @@ class BackpackEstimator(CurvatureEstimator):
         check_reduction(loss_fn)
         self.fisher_type = fisher_type if curvature == "fisher" else None
         self.mc_samples = mc_samples
-        self.seed = (
-            int(torch.randint(2**62, (1,), generator=seed, device=seed.device))
-            if isinstance(seed, torch.Generator)
-            else int(seed or 0)
-        )
+        self.seed = seed_int(seed)
         self.use_converter = (
             not _is_plain_sequential(model) if use_converter is None else bool(use_converter)
         )
@@ -234,10 +229,7 @@ class BackpackEstimator(CurvatureEstimator):
 
     def _sync(self) -> None:
         """Copy the user's weights, buffers and modes into the private copies if they changed."""
-        state = (
-            tuple(t._version for t, _ in self._tensor_pairs),
-            tuple(m.training for m, _ in self._module_pairs),
-        )
+        state = (self._model_version(), tuple(m.training for m, _ in self._module_pairs))
         if state == self._state:
             return
         with torch.no_grad():
@@ -251,13 +243,9 @@ class BackpackEstimator(CurvatureEstimator):
 
     def _check_loss(self) -> None:
         x, y = self.batches[0]
-        with torch.no_grad():
+        with torch.no_grad(), self._rng():
             out = self._net(x)
-            loss = check_scalar_mean_loss(self._loss, out, y)
-        if not torch.isfinite(loss):
-            raise NumericalError(
-                f"the loss is {loss.item()} on the first batch; check data and model"
-            )
+            check_scalar_mean_loss(self._loss, out, y)
         if self.kind == "bce" and out[0].numel() != 1:
             raise UnsupportedModelError(
                 "BackPACK supports BCEWithLogitsLoss only with one output per sample, got "
@@ -440,7 +428,8 @@ class BackpackEstimator(CurvatureEstimator):
         if "graphs" not in self._cache:
             graphs = []
             for x, y in self.batches:
-                out = self._net(x)
+                with self._rng():
+                    out = self._net(x)
                 loss = self._loss(out, y)
                 grads = None
                 if self.curvature == "hessian":

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from curvlab._params import flatten, unflatten
-from curvlab._random import Seed
+from curvlab._random import Seed, seed_int
 from curvlab.errors import (
     InvalidInputError,
     NumericalError,
@@ -456,11 +456,7 @@ class KFACEstimator(CurvatureEstimator):
         self.approximation = approximation
         self.fisher_type = {"ggn": "type-2", "fisher": fisher_type, "ef": "empirical"}[curvature]
         self.mc_samples = mc_samples
-        self.seed = (
-            int(torch.randint(2**31 - 1, (1,), generator=seed).item())
-            if isinstance(seed, torch.Generator)
-            else int(seed or 0)
-        )
+        self.seed = seed_int(seed)
         self.kfac_approx = kfac_approx
         self.separate_weight_and_bias = separate_weight_and_bias
         self.n_factorizations = 0

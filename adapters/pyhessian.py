@@ -64,11 +64,7 @@ class PyHessianEstimator(CurvatureEstimator):
         self._versions: tuple[int, ...] | None = None
         x, y = self.batches[0]
         with self._shield(), torch.no_grad():
-            loss = check_scalar_mean_loss(loss_fn, model(x), y)
-        if not torch.isfinite(loss):
-            raise NumericalError(
-                f"the loss is {loss.item()} on the first batch; check data and model"
-            )
+            check_scalar_mean_loss(loss_fn, model(x), y)
 
     # ------------------------------------------------------------------ shielding
     @contextmanager

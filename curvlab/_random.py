@@ -16,6 +16,13 @@ def make_generator(seed: Seed, device: torch.device | str = "cpu") -> torch.Gene
     return gen
 
 
+def seed_int(seed: Seed) -> int:
+    """An int seed: the int itself (None -> 0), or one drawn from a Generator."""
+    if isinstance(seed, torch.Generator):
+        return int(torch.randint(2**62, (1,), generator=seed, device=seed.device))
+    return 0 if seed is None else int(seed)
+
+
 def rademacher(shape, *, generator: torch.Generator, dtype, device) -> torch.Tensor:
     """Entries +-1 with equal probability."""
     bits = torch.randint(0, 2, shape, generator=generator, device=device)

@@ -141,6 +141,40 @@ def test_group_products_average_to_full_product(curvature, group_size):
     assert rel_err(groups[0], first.matvec(v)) < 1e-12
 
 
+def test_mc_fisher_follows_the_weights_after_an_optimizer_step():
+    model = make_model("tanh_mlp")
+    x, y = make_data("tanh_mlp")
+    loss_fn = torch.nn.CrossEntropyLoss()
+    kw = dict(curvature="fisher", fisher_type="mc", mc_samples=2, seed=1)
+    est = curvlab.estimator("autograd", model, loss_fn, (x, y), **kw)
+    v = probe(est)
+    est.matvec(v)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    fresh = curvlab.estimator("autograd", model, loss_fn, (x, y), **kw)
+    assert torch.equal(est.matvec(v), fresh.matvec(v))
+    assert torch.equal(est.group_matvecs(v, 4), fresh.group_matvecs(v, 4))
+
+
+def test_the_global_rng_is_left_as_found():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 6), torch.nn.Dropout(0.5), torch.nn.Linear(6, 3)
+    ).double()
+    x, y = make_data("tanh_mlp", n=8)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    est = curvlab.estimator("autograd", model, torch.nn.CrossEntropyLoss(), (x, y))
+    v = probe(est)
+    est.matvec(v)
+    with pytest.warns(curvlab.CurvlabWarning, match="looping"):  # dropout cannot be vmapped
+        est.group_matvecs(v, 2)
+    est.group_matvecs(v, 2)  # the loop is remembered: no second warning
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_mc_fisher_groups_use_the_same_labels():
     model = make_model("tanh_mlp")
     x, y = make_data("tanh_mlp", n=12)
