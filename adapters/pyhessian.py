@@ -41,10 +41,9 @@ from pyhessian.utils import (
     orthnormal,
 )
 
-from curvlab import distributed as dist
 from curvlab._params import flatten, unflatten
 from curvlab._random import Seed, gaussian, make_generator, rademacher
-from curvlab.errors import InvalidInputError, NumericalError, UnsupportedModelError
+from curvlab.errors import InvalidInputError, UnsupportedModelError
 from curvlab.estimator import CurvatureEstimator
 from curvlab.results import Eigenpairs, Estimate, SpectralDensity
 
@@ -125,29 +124,20 @@ class PyHessianEstimator(CurvatureEstimator):
         if self._graphs is None or self._versions != self._model_version():
             self._graphs = self._build()
             self._versions = self._model_version()
-        (weight, params, grads), *rest = self._graphs
-        total = list(hessian_vector_product(grads, params, vs))
-        if rest:
-            total = [weight * t for t in total]
-            for w, ps, gs in rest:
-                for a, t in zip(total, hessian_vector_product(gs, ps, vs)):
-                    a.add_(t, alpha=w)
+        total = [torch.zeros_like(v) for v in vs]
+        for weight, params, grads in self._graphs:
+            for a, t in zip(total, hessian_vector_product(grads, params, vs)):
+                a.add_(t, alpha=weight)
         return total
 
     def _matvec(self, V: torch.Tensor) -> torch.Tensor:
         cols = [flatten(self._hv(unflatten(V[:, j], self.params))) for j in range(V.shape[1])]
-        return cols[0][:, None] if len(cols) == 1 else torch.stack(cols, dim=1)
+        return torch.stack(cols, dim=1)
 
     def _counted_hv(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """A product for PyHessian's own algorithms: counted, checked, averaged over ranks."""
-        out = self._hv(vs)
-        if self.distributed:
-            total = dist.all_reduce_sum(flatten(out) * self.local_num_samples)
-            out = unflatten(total / self.num_samples, self.params)
-        self.n_matvecs += 1
-        if not all(torch.isfinite(t).all() for t in out):
-            raise NumericalError("the Hessian product is not finite; check the loss and the data")
-        return out
+        """A product for PyHessian's own algorithms (parameter shapes), through ``matvec``:
+        counted, checked and averaged over ranks like every other product."""
+        return unflatten(self.matvec(flatten(vs)), self.params)
 
     def _probe(self, draw, gen: torch.Generator) -> list[torch.Tensor]:
         v = draw((self.num_params,), generator=gen, dtype=self.dtype, device=self.device)
