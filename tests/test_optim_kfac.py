@@ -255,6 +255,23 @@ def test_non_finite_loss_leaves_everything_unchanged():
             assert torch.equal(got, value) if isinstance(value, torch.Tensor) else got == value
 
 
+def test_skipped_step_leaves_batchnorm_statistics_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).double()
+    with pytest.warns(CurvlabWarning, match="plain SGD"):
+        opt = KFAC(model, nn.MSELoss(), lr=0.1, damping=0.1)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 4, dtype=torch.float64, generator=gen)
+    y = torch.randn(16, 2, dtype=torch.float64, generator=gen)
+    opt.step((x, y))
+    buffers = [b.clone() for b in model.buffers()]
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.warns(CurvlabWarning, match="skipped a step"):
+        opt.step((bad, y))
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers))
+
+
 def test_invalid_arguments():
     model, loss_fn, _ = linear_mse()
     with pytest.raises(InvalidInputError):

@@ -254,3 +254,12 @@ def test_bad_input_raises():
     opt = LanczosOPT(groups, factory(model, CE, x, y), k=2, damping=0.2)
     with pytest.raises(InvalidInputError, match="share one 'damping'"):
         opt.step()
+
+
+def test_param_groups_are_fixed_after_construction():
+    model = torch.nn.Linear(3, 2).double()
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    opt = LanczosOPT(model.parameters(), model=model, loss_fn=torch.nn.MSELoss(),
+                     data=(x, torch.zeros(8, 2, dtype=torch.float64)), k=2)
+    with pytest.raises(InvalidInputError, match="construction"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]})

@@ -215,7 +215,10 @@ class KFAC(Optimizer):
             )
         return batch[0], batch[1]
 
-    def _skip(self, what: str, loss: torch.Tensor) -> torch.Tensor:
+    def _skip(self, what: str, loss: torch.Tensor, buffers) -> torch.Tensor:
+        with torch.no_grad():  # the forward pass updated BatchNorm statistics: undo it
+            for b, value in buffers:
+                b.copy_(value)
         warnings.warn(
             f"KFAC skipped a step: the {what} is not finite; parameters, factors and momentum "
             "are unchanged (lower the learning rate or raise the damping)",
@@ -265,16 +268,17 @@ class KFAC(Optimizer):
         group = self.param_groups[0]
         params = self._params
         step = self.steps
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         with torch.enable_grad():
             loss = self.loss_fn(self.model(x), y)
             if loss.numel() != 1:
                 raise InvalidInputError("loss_fn must return a scalar (reduction='mean')")
             if not torch.isfinite(loss):
-                return self._skip("loss", loss)
+                return self._skip("loss", loss, buffers)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         if not _finite(grads):
-            return self._skip("gradient", loss)
+            return self._skip("gradient", loss, buffers)
         delta = self._damping(step)
 
         directions = list(grads)
@@ -284,7 +288,7 @@ class KFAC(Optimizer):
             if step % self.factor_update_every == 0 or not has_state:
                 factors = self._new_factors(x, y, step, group)
                 if not _finite(t for f in factors.values() for t in f):
-                    return self._skip("Kronecker factors", loss)
+                    return self._skip("Kronecker factors", loss, buffers)
             else:
                 factors = self.factors()
             refresh = step % self.inverse_update_every == 0 or not has_state
@@ -304,7 +308,7 @@ class KFAC(Optimizer):
             for i, d in zip(self._kfac_idx, pre):
                 directions[i] = d if nu == 1.0 else nu * d
             if not _finite(directions):
-                return self._skip("preconditioned direction", loss)
+                return self._skip("preconditioned direction", loss, buffers)
 
         self._commit(directions, factors, eigen, group)
         self.state[params[0]]["step"] = step + 1

@@ -154,6 +154,16 @@ class LanczosOPT(Optimizer):
         self.num_params = sum(p.numel() for p in self._params)
         if k > self.num_params:
             raise InvalidInputError(f"k={k} exceeds the number of parameters {self.num_params}")
+        self._groups_fixed = True
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Param groups are fixed at construction: the eigenbasis spans all of them."""
+        if getattr(self, "_groups_fixed", False):
+            raise InvalidInputError(
+                "LanczosOPT's eigenbasis spans the parameters given at construction; "
+                "build a new optimizer to add parameters"
+            )
+        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ state
     @property
