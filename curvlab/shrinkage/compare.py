@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from curvlab._random import Seed, make_generator, rademacher
-from curvlab.errors import InvalidInputError
+from curvlab.errors import BackendUnavailableError, InvalidInputError
+from curvlab.noise import rebuild_estimator
 from curvlab.results import Estimate
 from curvlab.shrinkage.base import LinearShrinkage, as_tensor, is_operator
 from curvlab.shrinkage.synthetic import SpikedModel
@@ -73,8 +74,7 @@ def _subset_sampler(est: Any) -> Callable:
             raise InvalidInputError(f"batch_size must lie in [1, {x.shape[0]}], got {batch_size}")
         idx = torch.randperm(x.shape[0], generator=make_generator(seed))[:batch_size]
         idx = idx.to(x.device)
-        return type(est)(est.model, est.loss_fn, (x[idx], y[idx]), curvature=est.curvature,
-                         params=est.params)
+        return rebuild_estimator(est, (x[idx], y[idx]))  # keeps the backend's options
 
     return sample
 
@@ -176,12 +176,17 @@ def write_csv(records: list[dict], path: str | Path) -> None:
 
 def plot(records: list[dict], path: str | Path, metric: str = "frobenius") -> None:
     """Mean ``metric`` over repeats against the batch size, one line per estimator."""
-    import matplotlib
+    try:  # a Figure on its own canvas leaves the user's pyplot backend alone
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "plotting needs matplotlib: pip install 'curvlab[experiments]'"
+        ) from exc
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = Figure(figsize=(5.5, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for name in dict.fromkeys(r["estimator"] for r in records):
         rows = [r for r in records if r["estimator"] == name]
         sizes = sorted({r["batch_size"] for r in rows})
@@ -196,9 +201,7 @@ def plot(records: list[dict], path: str | Path, metric: str = "frobenius") -> No
     ax.set_xlabel("batch size")
     ax.set_ylabel("||H_hat - H||_F^2 / P" if metric == "frobenius" else metric)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def heldout_score(estimate: Any, other: Any, n_probes: int = 10, seed: Seed = 0) -> Estimate:

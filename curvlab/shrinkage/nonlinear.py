@@ -65,6 +65,9 @@ def eigenvector_oracle(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Ten
 
 
 class _SpectralCleaning(BaseShrinkage):
+    #: whether ``_clean`` uses the noise variance (estimating it costs per-sample products)
+    uses_noise = True
+
     """Fitting plumbing: gather (values, vectors, noise, trace) and apply ``_clean``."""
 
     k: int | None = None
@@ -100,7 +103,7 @@ class _SpectralCleaning(BaseShrinkage):
                 dense = getattr(X, "to_dense", None)
                 if dense is None:
                     raise InvalidInputError("set k (top-k eigenpairs) to fit an operator")
-                if noise is None and is_sample_operator(X):
+                if noise is None and self.uses_noise and is_sample_operator(X):
                     noise = noise_of_mean(probe_stats(X, self.n_probes, self.seed))
                 values, vectors = torch.linalg.eigh(dense())
                 self._fit_dense(values, vectors, noise, keep_dense=False)
@@ -145,7 +148,7 @@ class _SpectralCleaning(BaseShrinkage):
             raise InvalidInputError(f"k must lie in [1, {p - 1}], got {self.k}")
         pairs = eigenpairs(op, k=self.k, which=self.which, seed=self.seed)
         density = spectral_density(op, n_probes=self.n_probes, n_steps=self.n_steps, seed=self.seed)
-        if noise is None and is_sample_operator(op):
+        if noise is None and self.uses_noise and is_sample_operator(op):
             noise = noise_of_mean(probe_stats(op, self.n_probes, self.seed))
         values = pairs.values.to(torch.float64)
         order = torch.argsort(values, descending=True)
@@ -203,6 +206,8 @@ class EigenvalueClipping(_SpectralCleaning):
     k, n_probes, n_steps, which, seed : matrix-free form (top-k Lanczos + SLQ), see module.
     Extra fitted attributes: ``edge_`` (left, right bulk edges), ``n_outliers_``.
     """
+
+    uses_noise = False  # the edge comes from the fitted bulk, not from a noise estimate
 
     def __init__(self, *, model: str = "semicircle", tw_quantile: float | None = None,
                  k: int | None = None, n_probes: int = 30, n_steps: int = 80,

@@ -30,6 +30,7 @@ class PerSampleMatrices:
         if matrices.ndim != 3 or matrices.shape[1] != matrices.shape[2]:
             raise InvalidInputError(f"expected [n, p, p] matrices, got {tuple(matrices.shape)}")
         self.matrices = matrices
+        self.mean = matrices.mean(dim=0)
         self.num_samples = int(matrices.shape[0])
         self.num_params = int(matrices.shape[1])
         self.dtype = matrices.dtype
@@ -38,7 +39,7 @@ class PerSampleMatrices:
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         self.n_matvecs += 1 if v.ndim == 1 else v.shape[1]
-        return self.to_dense() @ v
+        return self.mean @ v
 
     def group_matvecs(self, v: torch.Tensor, group_size: int = 1) -> torch.Tensor:
         """[G, p]: each group's mean matrix times v (remainder dropped)."""
@@ -50,7 +51,7 @@ class PerSampleMatrices:
         return M.mean(dim=1) @ v
 
     def to_dense(self) -> torch.Tensor:
-        return self.matrices.mean(dim=0)
+        return self.mean
 
 
 @dataclass
