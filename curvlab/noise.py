@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 
 import torch
 
 from curvlab import distributed as dist
-from curvlab._random import Seed, gaussian, make_generator
+from curvlab._random import Seed, make_generator, unit_sphere
 from curvlab.errors import CurvlabError, InvalidInputError, UnsupportedCapabilityError
 from curvlab.estimator import CurvatureEstimator
 from curvlab.results import NoiseEstimate
@@ -98,17 +99,15 @@ def noise_variance(
     work = est if subsample is None else subsample_estimator(est, subsample, gen)
     if source == "diagonal":
         return _diagonal_estimate(work, n_probes, factor, batch_size)
-    V = gaussian((n_probes, est.num_params), generator=gen, dtype=est.dtype, device=est.device)
-    V = V / V.norm(dim=1, keepdim=True)  # rows: probes uniform on the unit sphere
-    per_probe, n_groups = [], 0
-    for block in V.split(_probes_per_call(work, group_size)):
-        sums, vu, n_groups = _probe_statistics(work, block, group_size, method == "paper")
-        if method == "unbiased":
-            sigma2 = sums / (n_groups - 1)
-        else:  # Algorithm 1 as printed, with the 1/n
-            sigma2 = sums / n_groups - vu**2
-        per_probe.append(factor * group_size * sigma2)
-    values = torch.cat(per_probe)
+    # rows: probes uniform on the unit sphere
+    V = unit_sphere((est.num_params, n_probes), generator=gen, dtype=est.dtype, device=est.device).T
+    stats = probe_statistics(work, V, group_size)
+    n_groups = stats.n_groups
+    if method == "unbiased":
+        sigma2 = stats.centred / (n_groups - 1)
+    else:  # Algorithm 1 as printed, with the 1/n: mean ||u_i||^2 - (v^T u_bar)^2
+        sigma2 = (stats.centred + n_groups * stats.mean_sq) / n_groups - stats.vu**2
+    values = factor * group_size * sigma2
     stderr = float(values.std() / math.sqrt(n_probes)) if n_probes > 1 else math.nan
     return NoiseEstimate(
         value=float(values.mean()),
@@ -144,13 +143,13 @@ def _check_args(est, batch_size, n_probes, method, group_size, source) -> None:
         )
 
 
-def _probes_per_call(est: CurvatureEstimator, group_size: int) -> int:
+def _probes_per_call(est, group_size: int) -> int:
     """Probes vectorised together: [k, G, P] products within about 2^25 numbers (the same
     count on every rank, so the collectives line up)."""
     return max(1, _BLOCK_NUMBERS // max(1, est.num_samples // group_size * est.num_params))
 
 
-def _group_products(est: CurvatureEstimator, V: torch.Tensor, group_size: int) -> torch.Tensor:
+def _group_products(est, V: torch.Tensor, group_size: int) -> torch.Tensor:
     """[k, G, P]: ``group_matvecs`` for each probe row of V, vectorised with vmap over the
     probes where the backend allows it (same numbers as a loop), looped otherwise."""
     if V.shape[0] > 1:
@@ -166,35 +165,54 @@ def _group_products(est: CurvatureEstimator, V: torch.Tensor, group_size: int) -
     return torch.stack([est.group_matvecs(v, group_size) for v in V])
 
 
-def _probe_statistics(est: CurvatureEstimator, V: torch.Tensor, group_size: int, paper: bool):
-    """Per probe row of V [k, P], over all ranks' groups: sum_i ||u_i - u_bar||^2 (or, for
-    the paper's form, sum_i ||u_i||^2) and v^T u_bar as [k] float64 tensors, and the number
-    n of groups.
+@dataclass(frozen=True)
+class ProbeStatistics:
+    """Per probe row v of V, over all ranks' n groups with products u_i = H_i v:
+    ``centred`` = sum_i ||u_i - u_bar||^2, ``mean_sq`` = ||u_bar||^2, ``vu`` = v^T u_bar
+    ([k] float64 on the CPU), and ``n_groups``."""
 
-    Two passes: the group sums and counts are all-reduced first, then the centred squared
-    norms, which stays accurate when the mean product dominates the spread.
+    centred: torch.Tensor
+    mean_sq: torch.Tensor
+    vu: torch.Tensor
+    n_groups: int
+
+
+def probe_statistics(est, V: torch.Tensor, group_size: int = 1) -> ProbeStatistics:
+    """The sufficient statistics of shared-probe group products, for probe rows V [k, P].
+
+    Two passes per block of probes: the group sums and counts are all-reduced first, then
+    the centred squared norms, which stays accurate when the mean product dominates the
+    spread. ``est`` needs ``group_matvecs``, ``num_samples``, ``num_params``, ``n_matvecs``
+    and (optionally) ``distributed``.
     """
-    U = _group_products(est, V, group_size)
-    k = V.shape[0]
-    head = torch.cat([U.sum(1), U.new_full((k, 1), U.shape[1])], dim=1)
-    if est.distributed:
-        head = dist.all_reduce_sum(head)
-    n = round(float(head[0, -1]))
-    if n < 2:
-        raise InvalidInputError(
-            f"only {n} group(s) of {group_size} samples: the variance needs at least 2; "
-            "use a smaller group_size or more data"
+    shared = getattr(est, "distributed", False)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    n = 0
+    for block in V.split(_probes_per_call(est, group_size)):
+        U = _group_products(est, block, group_size)
+        k = block.shape[0]
+        head = torch.cat([U.sum(1), U.new_full((k, 1), U.shape[1])], dim=1)
+        if shared:
+            head = dist.all_reduce_sum(head)
+        n = round(float(head[0, -1]))
+        if n < 2:
+            raise InvalidInputError(
+                f"only {n} group(s) of {group_size} samples: the variance needs at least 2; "
+                "use a smaller group_size or more data"
+            )
+        mean = head[:, :-1] / n
+        centred = (torch.linalg.vector_norm(U - mean[:, None], dim=(1, 2)) ** 2).to(torch.float64)
+        if shared:
+            centred = torch.tensor(dist.all_reduce_scalars(*centred.tolist()), dtype=torch.float64)
+        parts.append(
+            (
+                centred.cpu(),
+                (mean * mean).sum(1).to(torch.float64).cpu(),
+                (block * mean).sum(1).to(torch.float64).cpu(),
+            )
         )
-    mean = head[:, :-1] / n
-    if paper:  # sum ||u_i||^2
-        sums = torch.linalg.vector_norm(U, dim=(1, 2)) ** 2
-    else:  # sum ||u_i - u_bar||^2
-        sums = torch.linalg.vector_norm(U - mean[:, None], dim=(1, 2)) ** 2
-    sums = sums.to(torch.float64)
-    if est.distributed:
-        sums = torch.tensor(dist.all_reduce_scalars(*sums.tolist()), dtype=torch.float64)
-    vu = (V * mean).sum(1).to(torch.float64).cpu()
-    return sums.cpu(), vu, n
+    centred, mean_sq, vu = (torch.cat(t) for t in zip(*parts))
+    return ProbeStatistics(centred, mean_sq, vu, n)
 
 
 # ---------------------------------------------------------------------- subsamples

@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from curvlab import distributed as dist
 from curvlab._random import Seed, make_generator, unit_sphere
 from curvlab.errors import InvalidInputError
+from curvlab.noise import probe_statistics
 
 FIELDS = ("trace", "trace_sq", "trace_squared", "dispersion")
 
@@ -100,32 +100,24 @@ def matrix_stats(M: torch.Tensor) -> tuple[TraceStats, torch.Tensor]:
 def probe_stats(op, n_probes: int, seed: Seed) -> TraceStats:
     """Matrix-free statistics from ``op.group_matvecs(v, 1)`` with shared unit probes.
 
-    Sums over samples are all-reduced under ``torch.distributed`` when ``op.distributed``,
-    so every rank gets the statistics of the union of the shards.
+    The per-sample products and their all-reduce under ``torch.distributed`` are those of
+    :func:`curvlab.noise.probe_statistics`, so every rank gets the statistics of the union.
     """
     if n_probes < 2:
         raise InvalidInputError(f"n_probes must be >= 2 (for a standard error), got {n_probes}")
     p = int(op.num_params)
     gen = make_generator(seed, op.device)
-    rows: dict[str, list[torch.Tensor]] = {f: [] for f in FIELDS}
-    n_total, n_matvecs = 0, 0
-    for _ in range(n_probes):
-        v = unit_sphere((p,), generator=gen, dtype=op.dtype, device=op.device)
-        U = op.group_matvecs(v, 1)
-        n_matvecs += U.shape[0]
-        shared = getattr(op, "distributed", False)
-        head = torch.cat([U.sum(dim=0), U.new_tensor([U.shape[0]])])
-        head = dist.all_reduce_sum(head) if shared else head
-        n_total = round(float(head[-1]))
-        u_bar = head[:-1] / n_total
-        centred = ((U - u_bar) ** 2).sum()  # second pass: accurate when u_bar dominates
-        centred = dist.all_reduce_sum(centred) if shared else centred
-        a, b = v @ u_bar, u_bar @ u_bar
-        rows["trace"].append(p * a)
-        rows["trace_sq"].append(p * b)
-        rows["trace_squared"].append(p * ((p + 2) * a * a - 2 * b))
-        rows["dispersion"].append(p * centred)
-    if n_total < 2:
-        raise InvalidInputError(f"need at least 2 samples for a dispersion, got {n_total}")
-    stacked = {f: torch.stack(rows[f]).detach().to(torch.float64) for f in FIELDS}
-    return TraceStats(n_total, p, **stacked, n_matvecs=n_matvecs, exact=False)
+    V = unit_sphere((p, n_probes), generator=gen, dtype=op.dtype, device=op.device).T
+    before = op.n_matvecs
+    st = probe_statistics(op, V, 1)
+    a, b = st.vu, st.mean_sq
+    return TraceStats(
+        st.n_groups,
+        p,
+        trace=p * a,
+        trace_sq=p * b,
+        trace_squared=p * ((p + 2) * a * a - 2 * b),
+        dispersion=p * st.centred,
+        n_matvecs=op.n_matvecs - before,
+        exact=False,
+    )
