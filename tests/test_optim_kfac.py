@@ -101,8 +101,18 @@ def test_damper_object_is_read_every_step():
     opt = KFAC(model, loss_fn, lr=0.1, damping=damper, fisher_type="type-2")
     opt.step(batches[0])
     damper.damping = 0.5
+    before = flat(model)
     opt.step(batches[1])
     assert opt.param_groups[0]["damping"] == 0.5
+    assert damper.calls == []  # the cached attribute is read; the callable is not needed
+    # the update used damping 0.5: replay the same step with a float damping
+    replay_model, _, _ = linear_mse()
+    replay = KFAC(replay_model, loss_fn, lr=0.1, damping=0.25, fisher_type="type-2")
+    replay.step(batches[0])
+    replay.param_groups[0]["damping"] = 0.5
+    assert torch.equal(flat(replay_model), before)
+    replay.step(batches[1])
+    assert torch.equal(flat(replay_model), flat(model))
 
 
 @pytest.mark.parametrize("fisher_type", ["type-2", "mc"])

@@ -91,4 +91,9 @@ def test_bad_arguments_raise(kwargs):
     with pytest.raises(InvalidInputError):
         PaperSchedule(make_optimizer(), **kwargs)
     with pytest.raises(InvalidInputError):
+        WarmupSchedule(make_optimizer(), **kwargs)
+
+
+def test_bad_warmup_factor_raises():
+    with pytest.raises(InvalidInputError):
         WarmupSchedule(make_optimizer(), total_steps=10, kappa=-1.0)

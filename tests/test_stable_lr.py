@@ -96,7 +96,17 @@ def test_same_seed_same_answer_and_bad_input():
     model_factory, data = quadratic_problem()
     a = largest_stable_lr(sgd, model_factory, MSE, data, lrs=[0.01, 0.5], n_steps=3)
     b = largest_stable_lr(sgd, model_factory, MSE, data, lrs=[0.5, 0.01], n_steps=3)
-    assert a == b
+    assert a == b  # the grid's order does not matter
+
+    def random_init():  # the seed decides the initial weights
+        return nn.Linear(2, 1, bias=False).double()
+
+    runs = [
+        largest_stable_lr(sgd, random_init, MSE, data, lrs=[0.01, 0.5], n_steps=3, seed=s)
+        for s in (0, 0, 1)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0].final_losses != runs[2].final_losses
     with pytest.raises(InvalidInputError):
         largest_stable_lr(sgd, model_factory, MSE, data, lrs=[-1.0], n_steps=3)
     with pytest.raises(InvalidInputError):
