@@ -101,3 +101,25 @@ def unflatten(vec: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Ten
         out.append(chunk.reshape(p.shape) if vec.ndim == 1 else chunk.T.reshape(-1, *p.shape))
         start += n
     return out
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """torch.device from "cpu" / "cuda" / "cuda:N"; a CUDA request without CUDA raises."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidInputError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidInputError(
+                "device 'cuda' requested but torch sees no CUDA device "
+                f"(torch {torch.__version__}); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InvalidInputError(
+                f"device {device!r} requested but only {torch.cuda.device_count()} CUDA "
+                "device(s) exist"
+            )
+    return dev

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from curvlab._params import resolve_device
 from curvlab.errors import CurvlabError
 
 EXPERIMENTS = (
@@ -41,21 +42,10 @@ def _seed(text: str) -> int:
 
 
 def _device(text: str) -> str:
-    kind, _, index = text.partition(":")
-    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
-        raise argparse.ArgumentTypeError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {text!r}")
-    if kind == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(
-                f"{text!r} requested but torch {torch.__version__} sees no CUDA device; "
-                "use --device cpu"
-            )
-        if index and int(index) >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"{text!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
-            )
+    try:
+        resolve_device(text)
+    except CurvlabError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

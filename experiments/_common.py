@@ -22,6 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+import curvlab
+from curvlab._params import resolve_device
+from curvlab.cli import SCALES
 from curvlab.errors import InvalidInputError
 
 #: Keys every experiment's JSON has (documented in each module's FIELDS).
@@ -39,32 +42,9 @@ COMMON_FIELDS = (
     "files",  # files written, relative to out_dir
     "wall_time_s",
 )
-SCALES = ("smoke", "fast", "paper")
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """torch.device from "cpu" / "cuda" / "cuda:N"; a CUDA request without CUDA raises."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInputError(f"unknown device {device!r}; use 'cpu' or 'cuda'") from exc
-    if dev.type not in ("cpu", "cuda"):
-        raise InvalidInputError(f"unsupported device {device!r}; use 'cpu' or 'cuda'")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidInputError(
-                "device 'cuda' requested but torch sees no CUDA device "
-                f"(torch {torch.__version__}); use --device cpu"
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InvalidInputError(
-                f"device {device!r} requested but only {torch.cuda.device_count()} CUDA "
-                "device(s) exist"
-            )
-    return dev
 
 
 def check_args(scale: str, seed: int, device) -> torch.device:
@@ -379,6 +359,15 @@ def train(
         record(step)
     history["diverged"] = diverged
     return history
+
+
+def spectral_norm(model: nn.Module, loss_fn, x, y, seed: int, tol: float = 1e-4) -> float:
+    """lambda_1 of the Hessian on (x, y) by Lanczos (autograd backend); the graph is freed."""
+    est = curvlab.estimator("autograd", model, loss_fn, (x, y))
+    try:
+        return float(est.eigenpairs(k=1, tol=tol, seed=seed).values[0])
+    finally:
+        est.release()
 
 
 def takes_batch(optimizer) -> bool:

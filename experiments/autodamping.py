@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 import curvlab
-from curvlab.optim import paper_schedule
-from curvlab.optim.kfac import KFAC
+from curvlab.optim import KFAC, adam_with_learned_eps, paper_schedule
 
 from . import _common as C
 from .data import load_sklearn
@@ -74,12 +73,6 @@ SETTINGS = {
 def _run_one(name, lr, init, learned, s, data, seed, dev):
     loss_fn = nn.CrossEntropyLoss()
     model = C.seeded(seed, lambda: C.DigitsCNN().to(dev))
-    if name == "kfac":
-        opt = KFAC(model, loss_fn, lr=lr, damping=init)
-        key = "damping"
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=lr, eps=init)
-        key = "eps"
     damper = None
     after = None
     if learned:
@@ -94,13 +87,18 @@ def _run_one(name, lr, init, learned, s, data, seed, dev):
             population=data.n_train,
             seed=seed,
         )
-        damper.attach(opt, key=key)
         train_set = data.train()
 
         def after(step, batch):  # step counts from 1; the damper estimates at 0, k, 2k, ...
             damper.step(model, loss_fn, train_set)
 
         damper.step(model, loss_fn, train_set)  # the estimate at initialization
+    if name == "kfac":  # KFAC reads the damper's cached value every step
+        opt = KFAC(model, loss_fn, lr=lr, damping=init if damper is None else damper)
+    elif damper is None:
+        opt = torch.optim.Adam(model.parameters(), lr=lr, eps=init)
+    else:
+        opt = adam_with_learned_eps(model.parameters(), damper, lr=lr)
     hist = C.train(
         model,
         loss_fn,

@@ -18,7 +18,6 @@ import sys
 import torch
 from torch import nn
 
-import curvlab
 from curvlab.optim import paper_schedule
 from curvlab.optim.kfac import KFAC
 
@@ -67,15 +66,6 @@ def make_optimizer(name: str, model: nn.Module, lr: float, delta: float):
     return KFAC(model, nn.CrossEntropyLoss(), lr=lr, damping=delta)
 
 
-def spectral_norm(model: nn.Module, loss_fn, x, y, seed: int) -> float:
-    """lambda_1 of the Hessian on (x, y) by Lanczos (autograd backend)."""
-    est = curvlab.estimator("autograd", model, loss_fn, (x, y))
-    try:
-        return float(est.eigenpairs(k=1, tol=1e-4, seed=seed).values[0])
-    finally:
-        est.release()
-
-
 def run(
     out_dir, *, scale: str = "fast", seed: int = 0, device: str = "cpu", progress: bool = False
 ) -> dict:
@@ -102,7 +92,7 @@ def run(
             scheduler=paper_schedule(opt, s["steps"]),
         )
         model.eval()
-        lam = math.nan if hist["diverged"] else spectral_norm(model, loss_fn, xh, yh, seed)
+        lam = math.nan if hist["diverged"] else C.spectral_norm(model, loss_fn, xh, yh, seed)
         runs.append(
             {
                 "optimizer": name,

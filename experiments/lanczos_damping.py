@@ -107,8 +107,7 @@ def run(
         return C.seeded(seed, lambda: nn.Linear(64, 10).to(torch.float64).to(dev))
 
     model = fresh()
-    est = curvlab.estimator("autograd", model, loss_fn, data.train())
-    lam1 = float(est.eigenpairs(k=1, tol=1e-6, seed=seed).values[0])
+    lam1 = C.spectral_norm(model, loss_fn, *data.train(), seed=seed, tol=1e-6)
     gd_model = fresh()
     gd_hist = _full_batch(
         gd_model,

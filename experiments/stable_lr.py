@@ -19,7 +19,6 @@ import warnings
 import torch
 from torch import nn
 
-import curvlab
 from curvlab.errors import CurvlabWarning
 from curvlab.optim import largest_stable_lr
 from curvlab.optim.kfac import KFAC
@@ -98,8 +97,7 @@ def run(
         return C.DigitsCNN().to(dev)
 
     init_model = C.seeded(seed, model_factory)
-    est = curvlab.estimator("autograd", init_model, loss_fn, data.train())
-    lam1 = float(est.eigenpairs(k=1, tol=1e-4, seed=seed).values[0])
+    lam1 = C.spectral_norm(init_model, loss_fn, *data.train(), seed=seed)
     factories = {
         "sgd": lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=MOMENTUM),
         "adam": lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr, betas=(MOMENTUM, 0.999)),

@@ -32,6 +32,7 @@ from torch import nn
 import curvlab
 from curvlab import rmt
 from curvlab.errors import CurvlabError, CurvlabWarning
+from curvlab.optim import adam_with_learned_eps
 
 from . import _common as C
 from .data import load_sklearn
@@ -338,9 +339,10 @@ def autodamping(data, s, seed, dev, progress: bool) -> dict:
         (f"learned eps from {init:g}", init, True),
     ):
         model = _mlp(seed, dev)
-        opt = torch.optim.Adam(model.parameters(), lr=LR, eps=eps)
         damper = after = None
-        if learned:
+        if not learned:
+            opt = torch.optim.Adam(model.parameters(), lr=LR, eps=eps)
+        else:
             damper = curvlab.LinearShrinkageDamper(
                 rule="rmt",
                 init=init,
@@ -351,7 +353,7 @@ def autodamping(data, s, seed, dev, progress: bool) -> dict:
                 population=data.n_train,
                 seed=seed,
             )
-            damper.attach(opt, key="eps")
+            opt = adam_with_learned_eps(model.parameters(), damper, lr=LR)
             damper.step(model, loss_fn, train_set)
 
             def after(step, batch, damper=damper, model=model):

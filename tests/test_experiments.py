@@ -14,11 +14,12 @@ import torch
 from conftest import dense_hessian
 from torch import nn
 
+from curvlab.cli import EXPERIMENTS
 from curvlab.errors import InvalidInputError
 from curvlab.experiments import _common as C
 from curvlab.experiments import algorithm1, data, lanczos_damping
 
-NAMES = ("theorem1", "algorithm1", "lanczos_damping", "damping_sweep", "autodamping", "stable_lr")
+NAMES = EXPERIMENTS
 
 
 def _check_outputs(module, results: dict, out) -> None:
