@@ -161,14 +161,14 @@ class AutogradEstimator(CurvatureEstimator):
 
     # ------------------------------------------------------------------ products
     def _matvec(self, V: torch.Tensor) -> torch.Tensor:
-        cols = []
         graphs = self._graphs()
+        cols = []
         for j in range(V.shape[1]):
             vs = unflatten(V[:, j], self.params)
-            total = torch.zeros_like(V[:, 0])
-            for g in graphs:
-                total += g["w"] * flatten(self._graph_product(g, vs))
-            cols.append(total)
+            if len(graphs) == 1:  # one batch: its mean is the whole product (weight 1)
+                cols.append(flatten(self._graph_product(graphs[0], vs)))
+            else:
+                cols.append(sum(g["w"] * flatten(self._graph_product(g, vs)) for g in graphs))
         return torch.stack(cols, dim=1)
 
     def _graph_product(self, g: dict, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:

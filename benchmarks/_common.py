@@ -10,15 +10,11 @@ import torch
 from torch import nn
 
 
-def median_time(fn: Callable[[], object], repeats: int = 20, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def cpu_time(fn: Callable[[], object]) -> float:
+    """CPU seconds of one call (process time: steadier than wall time on a shared machine)."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
 
 
 def interleaved_medians(

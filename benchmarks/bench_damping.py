@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-import time
 
 import torch
 from torch import nn
@@ -26,16 +25,14 @@ import curvlab
 from curvlab.damping import LinearShrinkageDamper
 from curvlab.noise import noise_variance
 
+from ._common import cpu_time, digits
+
 TITLE = "Learned damping: update cost, epoch overhead and precision (digits MLP)"
 BATCH, EPOCHS, UPDATE_EVERY, REPEATS = 128, 50, 100, 20
 
 
 def _problem():
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    x = torch.tensor(data.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(data.target)
+    x, y = digits(dtype=torch.float32)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
     return model, nn.CrossEntropyLoss(), x, y
@@ -50,12 +47,6 @@ def _train(model, opt, loss_fn, x, y, steps, gen, damper=None, data=None):
         opt.step()
         if damper is not None:
             damper.step(model, loss_fn, (xb, yb) if data is None else data)
-
-
-def _cpu_time(fn) -> float:
-    start = time.process_time()
-    fn()
-    return time.process_time() - start
 
 
 PER_SAMPLE = {"group_size": 1}
@@ -87,7 +78,7 @@ def _run() -> str:
     gen = torch.Generator().manual_seed(0)
     _train(model, opt, loss_fn, x, y, 300, gen)  # leave the random initialisation
     start_model, start_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    step_time = _cpu_time(lambda: _train(model, opt, loss_fn, x, y, 300, gen)) / 300
+    step_time = cpu_time(lambda: _train(model, opt, loss_fn, x, y, 300, gen)) / 300
     model.load_state_dict(start_model)
     opt.load_state_dict(start_opt)
 
@@ -105,7 +96,7 @@ def _run() -> str:
         for _ in range(reps):
             idx = torch.randint(0, x.shape[0], (BATCH,), generator=gen)
             data = (x[idx], y[idx]) if source == "batch" else (x, y)
-            times.append(_cpu_time(lambda d=data, dm=damper: dm.step(model, loss_fn, d)))
+            times.append(cpu_time(lambda d=data, dm=damper: dm.step(model, loss_fn, d)))
             raws.append(damper.history[-1].estimate)
         cost = statistics.median(times[1:] if len(times) > 2 else times)
         samples = BATCH if source == "batch" else kwargs["subsample"]
@@ -143,7 +134,7 @@ def _run() -> str:
                 damper = LinearShrinkageDamper(update_every=UPDATE_EVERY, **spec[0])
                 damper.attach(opt, key="eps")
                 data = spec[1]
-            t = _cpu_time(
+            t = cpu_time(
                 lambda d=damper, s=data, g=run_gen: _train(
                     model, opt, loss_fn, x, y, steps, g, damper=d, data=s
                 )

@@ -79,6 +79,7 @@ class CurvatureEstimator(abc.ABC):
             else self.local_num_samples
         )
         self.n_matvecs = 0
+        self._state_tensors = [*model.parameters(), *model.buffers()]
 
     # ------------------------------------------------------------------ contract
     @property
@@ -100,8 +101,7 @@ class CurvatureEstimator(abc.ABC):
     def _model_version(self) -> tuple[int, ...]:
         """Changes whenever a parameter or buffer of the model is modified in place (an
         optimizer step), so adapters know when cached graphs or factors are stale."""
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        return tuple(t._version for t in tensors)
+        return tuple(t._version for t in self._state_tensors)
 
     def release(self) -> None:
         """Drop cached graphs and buffers (also happens when the estimator is collected)."""
