@@ -179,12 +179,13 @@ def cmd_tour(args) -> int:
     )
     spec, noise = results["spectrum"], results["noise"]
     n_out = spec.get("n_outliers")
-    bound = "at least " if n_out == len(spec["top_eigenvalues"]) else ""
+    if n_out is None:
+        outliers = "the bulk fit failed (see the report)"
+    else:
+        bound = "at least " if n_out == len(spec["top_eigenvalues"]) else ""
+        outliers = f"{bound}{n_out} outliers beyond the fitted bulk edge"
     print(f"curvlab tour: {results['wall_time_s']:.0f} s; report in {args.out / 'report.md'}")
-    print(
-        f"  Hessian: lambda_1 = {spec['top_eigenvalues'][0]:.4g}, "
-        f"{bound}{n_out} outliers beyond the fitted bulk edge"
-    )
+    print(f"  Hessian: lambda_1 = {spec['top_eigenvalues'][0]:.4g}, {outliers}")
     print(
         f"  damping for batch {noise['batch_size']}: {noise['damping']:.4g} "
         f"+- {noise['stderr']:.2g}"

@@ -11,6 +11,7 @@ import importlib.util
 from dataclasses import dataclass
 
 from curvlab.errors import BackendUnavailableError, InvalidInputError, UnsupportedCapabilityError
+from curvlab.estimator import CURVATURES
 from curvlab.results import BackendInfo
 
 #: What each capability name means (the README table uses these columns).
@@ -163,8 +164,8 @@ def resolve(name: str):
         raise UnsupportedCapabilityError(
             f"{name!r} is an integration, not an estimator backend: {spec.description}"
         )
-    if not spec.available():
-        missing = [m for m in spec.requires if importlib.util.find_spec(m) is None]
+    missing = [m for m in spec.requires if importlib.util.find_spec(m) is None]
+    if missing:
         raise BackendUnavailableError(
             f"backend {name!r} needs {', '.join(missing)}, which is not installed: "
             f"{spec.install_hint}"
@@ -175,8 +176,6 @@ def resolve(name: str):
 
 def estimator(backend, model, loss_fn, data, curvature="hessian", params=None, **options):
     """Build the curvature estimator of ``backend`` (see :class:`CurvatureEstimator`)."""
-    from curvlab.estimator import CURVATURES
-
     spec = get_spec(backend)
     if curvature not in CURVATURES:
         raise InvalidInputError(
@@ -195,14 +194,13 @@ def estimator(backend, model, loss_fn, data, curvature="hessian", params=None, *
 def capability_table() -> str:
     """The README's backends x capabilities table, generated from the declarations."""
     caps = sorted({c for spec in _REGISTRY.values() for c in spec.capabilities})
-    curvs = ["hessian", "ggn", "fisher", "ef"]
-    header = ["backend", "extra", *curvs, *caps]
+    header = ["backend", "extra", *CURVATURES, *caps]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in sorted(_REGISTRY):
         spec = _REGISTRY[name]
         extra = f"`{spec.extra}`" if spec.extra else ("core" if not spec.requires else "source")
         cells = [f"`{name}`", extra]
-        cells += ["yes" if c in spec.curvatures else "" for c in curvs]
+        cells += ["yes" if c in spec.curvatures else "" for c in CURVATURES]
         cells += ["yes" if c in spec.capabilities else "" for c in caps]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
