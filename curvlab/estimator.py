@@ -182,9 +182,9 @@ class CurvatureEstimator(abc.ABC):
                 f"({gib:.1f} GiB) above max_params={max_params}; use matvec-based methods "
                 "or raise max_params"
             )
-        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
-        cols = [self.matvec(eye[:, i : i + chunk]) for i in range(0, self.num_params, chunk)]
-        return torch.cat(cols, dim=1)
+        from curvlab.spectral._krylov import column_blocks
+
+        return torch.cat([cols for _, cols in column_blocks(self, chunk)], dim=1)
 
     # ------------------------------------------------------------------ algorithms
     def eigenpairs(

@@ -38,6 +38,15 @@ def apply(op, v: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def column_blocks(op, chunk: int = 256):
+    """Yield (i, A[:, i:i+chunk]) for the P identity columns: the exact route of the
+    estimators when the budget reaches P, and dense assembly for small operators."""
+    P = op.num_params
+    eye = torch.eye(P, dtype=op.dtype, device=op.device)
+    for i in range(0, P, chunk):
+        yield i, apply(op, eye[:, i : i + chunk])
+
+
 def check_positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidInputError(f"{name} must be an int >= {minimum}, got {value!r}")

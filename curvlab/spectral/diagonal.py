@@ -23,7 +23,7 @@ import torch
 
 from curvlab._random import Seed, make_generator, rademacher
 from curvlab.errors import InvalidInputError
-from curvlab.spectral._krylov import apply, check_operator, check_positive_int
+from curvlab.spectral._krylov import apply, check_operator, check_positive_int, column_blocks
 
 METHODS = ("xdiag", "hutchinson")
 
@@ -66,12 +66,6 @@ def _xdiag(op, s: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _exact_diagonal(op) -> torch.Tensor:
-    P = op.num_params
-    eye = torch.eye(P, dtype=op.dtype, device=op.device)
-    chunk = 256
     return torch.cat(
-        [
-            torch.diagonal(apply(op, eye[:, i : i + chunk])[i : i + chunk])
-            for i in range(0, P, chunk)
-        ]
+        [torch.diagonal(cols[i : i + cols.shape[1]]) for i, cols in column_blocks(op)]
     )

@@ -61,6 +61,7 @@ from curvlab.spectral._krylov import (
     cgs2,
     check_operator,
     check_positive_int,
+    column_blocks,
 )
 
 WHICH = ("largest", "smallest", "both")
@@ -134,8 +135,7 @@ def eigenpairs(
 def _dense_eigenpairs(op, n_top: int, n_bot: int, chunk: int) -> Eigenpairs:
     """Assemble A from P identity columns, solve with ``eigh``; exact residuals."""
     P = op.num_params
-    eye = torch.eye(P, dtype=op.dtype, device=op.device)
-    A = torch.cat([apply(op, eye[:, i : i + chunk]) for i in range(0, P, chunk)], dim=1)
+    A = torch.cat([cols for _, cols in column_blocks(op, chunk)], dim=1)
     evals, evecs = torch.linalg.eigh((A + A.T) / 2)
     idx = torch.cat([torch.arange(P - 1, P - 1 - n_top, -1), torch.arange(n_bot - 1, -1, -1)])
     idx = idx.to(evals.device)

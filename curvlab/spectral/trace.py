@@ -20,7 +20,7 @@ import torch
 from curvlab._random import Seed, gaussian, make_generator, rademacher
 from curvlab.errors import InvalidInputError
 from curvlab.results import Estimate
-from curvlab.spectral._krylov import apply, check_operator, check_positive_int
+from curvlab.spectral._krylov import apply, check_operator, check_positive_int, column_blocks
 
 METHODS = ("hutch++", "hutchinson")
 
@@ -73,10 +73,8 @@ def _hutchinson(op, Z, exact_part: float, matvecs_before: int, square: bool) -> 
 
 
 def _exact(op, square: bool) -> Estimate:
-    P = op.num_params
-    eye = torch.eye(P, dtype=op.dtype, device=op.device)
-    total, chunk = 0.0, 256
-    for i in range(0, P, chunk):
-        cols = apply(op, eye[:, i : i + chunk])
-        total += float((cols**2).sum() if square else torch.diagonal(cols[i : i + chunk]).sum())
-    return Estimate(value=total, stderr=0.0, n_matvecs=P)
+    total = 0.0
+    for i, cols in column_blocks(op):
+        block = cols[i : i + cols.shape[1]]
+        total += float((cols**2).sum() if square else torch.diagonal(block).sum())
+    return Estimate(value=total, stderr=0.0, n_matvecs=op.num_params)
