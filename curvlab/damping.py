@@ -36,7 +36,7 @@ import torch
 
 from curvlab import distributed as dist
 from curvlab._params import as_batches
-from curvlab._random import make_generator, unit_sphere
+from curvlab._random import make_generator
 from curvlab.errors import CurvlabWarning, InvalidInputError, NumericalError
 from curvlab.estimator import CURVATURES, CurvatureEstimator
 from curvlab.noise import (
@@ -350,7 +350,7 @@ class LinearShrinkageDamper:
                 population=self.population,
                 seed=seed,
             )
-            tau = _trace_per_dim(est, self.n_probes, seed + 1) if self.target == "trace" else None
+            tau = noise.trace_per_param if self.target == "trace" else None
             return noise.value, noise.stderr, tau
         from curvlab.shrinkage import OAS, LedoitWolf
 
@@ -438,13 +438,6 @@ def _push(obj, key: str, value: float) -> None:
         obj[key] = value
     else:
         setattr(obj, key, value)
-
-
-def _trace_per_dim(est: CurvatureEstimator, n_probes: int, seed: int) -> float:
-    """tr H / P ~ mean_v v^T H v over unit probes (unbiased; DESIGN.md section 4)."""
-    gen = make_generator(seed, est.device)
-    V = unit_sphere((est.num_params, n_probes), generator=gen, dtype=est.dtype, device=est.device)
-    return float((V * est.matvec(V)).sum(0).mean())
 
 
 def _choice(name: str, value, options) -> None:

@@ -119,6 +119,7 @@ def noise_variance(
         n_matvecs=n_groups * n_probes,
         method=method,
         source=source,
+        trace_per_param=float(stats.vu.mean()),
     )
 
 

@@ -66,6 +66,8 @@ class NoiseEstimate:
     n_matvecs: int
     method: str
     source: str = "matvec"
+    #: P^-1 tr H from the same probes (v^T u_bar), None for the diagonal source
+    trace_per_param: float | None = None
 
     @property
     def damping(self) -> float:
