@@ -15,7 +15,7 @@ from curvlab.errors import (
     UnsupportedModelError,
 )
 from curvlab.estimator import CURVATURES, CurvatureEstimator
-from curvlab.operators import DenseOperator, Operator
+from curvlab.operators import DenseOperator, IdentityOperator, Operator
 from curvlab.registry import backends, estimator, register
 from curvlab.results import BackendInfo, Eigenpairs, Estimate, NoiseEstimate, SpectralDensity
 
@@ -31,6 +31,7 @@ __all__ = [
     "DenseOperator",
     "Eigenpairs",
     "Estimate",
+    "IdentityOperator",
     "InvalidInputError",
     "NoiseEstimate",
     "NotConvergedWarning",

@@ -19,13 +19,13 @@ from curvlab import distributed as dist
 from curvlab._params import as_batches, resolve_params
 from curvlab._random import Seed
 from curvlab.errors import InvalidInputError, NumericalError, UnsupportedCapabilityError
+from curvlab.operators import Operator
 from curvlab.results import Eigenpairs, Estimate, NoiseEstimate, SpectralDensity
 
 CURVATURES = ("hessian", "ggn", "fisher", "ef")
-DEFAULT_MAX_DENSE_PARAMS = 20_000
 
 
-class CurvatureEstimator(abc.ABC):
+class CurvatureEstimator(Operator):
     """Curvature of ``loss_fn(model(x), y)`` over ``data`` as a matrix-free operator.
 
     Parameters
@@ -119,24 +119,6 @@ class CurvatureEstimator(abc.ABC):
         )
 
     # ------------------------------------------------------------------ products
-    def check_vector(self, v: torch.Tensor, *, allow_block: bool = True) -> torch.Tensor:
-        """Validate a [P] vector or [P, k] block against the parameters' size, dtype, device."""
-        if not isinstance(v, torch.Tensor):
-            raise InvalidInputError(f"expected a torch.Tensor, got {type(v).__name__}")
-        if v.ndim not in ((1, 2) if allow_block else (1,)) or v.shape[0] != self.num_params:
-            shape = f"[{self.num_params}]" + (f" or [{self.num_params}, k]" if allow_block else "")
-            raise InvalidInputError(f"expected a vector of shape {shape}, got {tuple(v.shape)}")
-        if v.dtype != self.dtype:
-            raise InvalidInputError(
-                f"vector dtype {v.dtype} differs from the parameters' {self.dtype}; "
-                f"use v.to({self.dtype})"
-            )
-        if v.device != self.device:
-            raise InvalidInputError(
-                f"vector is on {v.device} but the parameters are on {self.device}"
-            )
-        return v
-
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """Curvature times ``v`` ([P] or [P, k]), averaged over all samples."""
         self.check_vector(v)
@@ -170,21 +152,6 @@ class CurvatureEstimator(abc.ABC):
         out = self._group_matvecs(v, group_size)
         self.n_matvecs += out.shape[0]
         return out
-
-    def to_dense(
-        self, max_params: int = DEFAULT_MAX_DENSE_PARAMS, chunk: int = 256
-    ) -> torch.Tensor:
-        """The [P, P] curvature matrix, built column block by column block."""
-        if self.num_params > max_params:
-            gib = self.num_params**2 * torch.finfo(self.dtype).bits / 8 / 2**30
-            raise InvalidInputError(
-                f"to_dense would form a {self.num_params} x {self.num_params} matrix "
-                f"({gib:.1f} GiB) above max_params={max_params}; use matvec-based methods "
-                "or raise max_params"
-            )
-        from curvlab.spectral._krylov import column_blocks
-
-        return torch.cat([cols for _, cols in column_blocks(self, chunk)], dim=1)
 
     # ------------------------------------------------------------------ algorithms
     def eigenpairs(

@@ -1,33 +1,326 @@
-"""Minimal linear-operator protocol shared by estimators and the spectral algorithms.
+"""Composable linear operators on flat parameter vectors (curvlinops-style).
 
-Anything with ``num_params``, ``dtype``, ``device`` and ``matvec`` (accepting [P] or
-[P, k]) is an operator: every :class:`~curvlab.CurvatureEstimator` is one, and
-:class:`DenseOperator` wraps an explicit symmetric matrix for tests and synthetic models.
+An :class:`Operator` is a square linear map on [P] vectors (and [P, k] blocks of them)
+given by its products alone. Every curvature estimator, fitted shrinkage and Kronecker
+operator is one, so they share the spectral methods (eigenpairs, traces, densities,
+diagonals) and an algebra::
+
+    damped = est + 1e-3 * curvlab.IdentityOperator.like(est)     # H + delta I
+    diff = est_a - est_b                                          # a difference of operators
+    squared = est @ est                                           # H H, matrix-free
+    scipy_op = est.to_scipy()                                     # scipy.sparse.linalg
+
+Subclasses implement ``_matvec(V)`` for a [P, k] block; :meth:`Operator.matvec` validates
+the input, accepts [P] or [P, k] and counts products in ``n_matvecs``. Objects that are not
+subclasses but have ``num_params``, ``dtype``, ``device`` and ``matvec`` are accepted
+by the spectral methods too (:func:`is_operator`).
+
+Examples
+--------
+>>> import torch, curvlab
+>>> A = curvlab.DenseOperator(torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64)))
+>>> B = 2 * A - curvlab.IdentityOperator.like(A)
+>>> B @ torch.ones(2, dtype=torch.float64)
+tensor([5., 1.], dtype=torch.float64)
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import abc
+import numbers
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from curvlab.errors import InvalidInputError
 
+if TYPE_CHECKING:
+    from scipy.sparse.linalg import LinearOperator
 
-@runtime_checkable
-class Operator(Protocol):
+    from curvlab._random import Seed
+    from curvlab.results import Eigenpairs, Estimate, SpectralDensity
+
+#: ``to_dense`` refuses operators above this size unless ``max_params`` is raised.
+DEFAULT_MAX_DENSE_PARAMS = 20_000
+_PROTOCOL = ("num_params", "dtype", "device", "matvec")
+
+
+class Operator(abc.ABC):
+    """A square linear operator on flat [P] vectors, defined by its products.
+
+    Attributes
+    ----------
+    num_params : int
+        P, the dimension.
+    dtype : torch.dtype
+        The dtype of the vectors it takes and returns.
+    device : torch.device
+        Where those vectors live.
+    n_matvecs : int
+        Products computed so far (a [P, k] block counts k).
+
+    Notes
+    -----
+    The spectral methods (:meth:`eigenpairs`, :meth:`trace`, :meth:`spectral_density`, ...)
+    assume a symmetric operator, as every curvature matrix is. Sums, differences and scalar
+    multiples of symmetric operators are symmetric; a product ``A @ B`` is symmetric only
+    when A and B commute (``A @ A`` always is).
+    """
+
     num_params: int
     dtype: torch.dtype
     device: torch.device
+    n_matvecs: int = 0
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor: ...
+    @abc.abstractmethod
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """[P, k] -> [P, k]: the operator applied to each column of a validated block."""
+
+    # ------------------------------------------------------------------ products
+    def check_vector(self, v: Any, *, allow_block: bool = True) -> torch.Tensor:
+        """Validate a [P] vector or [P, k] block against this operator's size, dtype, device."""
+        if not isinstance(v, torch.Tensor):
+            raise InvalidInputError(
+                f"expected a torch.Tensor, got {type(v).__name__}; use to_scipy() for numpy"
+            )
+        if v.ndim not in ((1, 2) if allow_block else (1,)) or v.shape[0] != self.num_params:
+            shape = f"[{self.num_params}]" + (f" or [{self.num_params}, k]" if allow_block else "")
+            raise InvalidInputError(f"expected a vector of shape {shape}, got {tuple(v.shape)}")
+        if v.dtype != self.dtype:
+            raise InvalidInputError(
+                f"vector dtype {v.dtype} differs from the operator's {self.dtype}; "
+                f"use v.to({self.dtype})"
+            )
+        if v.device != self.device:
+            raise InvalidInputError(f"vector is on {v.device} but the operator is on {self.device}")
+        return v
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """The operator times ``v``.
+
+        Parameters
+        ----------
+        v : torch.Tensor
+            A [P] vector or a [P, k] block of k vectors, in ``dtype`` on ``device``.
+
+        Returns
+        -------
+        torch.Tensor
+            The product, with the shape of ``v``.
+        """
+        self.check_vector(v)
+        block = v if v.ndim == 2 else v[:, None]
+        out = self._matvec(block)
+        self.n_matvecs += block.shape[1]
+        return out if v.ndim == 2 else out[:, 0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(P, P)."""
+        return (self.num_params, self.num_params)
+
+    # ------------------------------------------------------------------ algebra
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, Operator):
+            return ProductOperator(self, other)
+        if isinstance(other, torch.Tensor):
+            return self.matvec(other)
+        return NotImplemented
+
+    def __add__(self, other: Any) -> Operator:
+        if isinstance(other, Operator):
+            return SumOperator([(1.0, self), (1.0, other)])
+        return NotImplemented
+
+    def __sub__(self, other: Any) -> Operator:
+        if isinstance(other, Operator):
+            return SumOperator([(1.0, self), (-1.0, other)])
+        return NotImplemented
+
+    def __neg__(self) -> Operator:
+        return SumOperator([(-1.0, self)])
+
+    def __mul__(self, scalar: Any) -> Operator:
+        if isinstance(scalar, numbers.Real) and not isinstance(scalar, bool):
+            return SumOperator([(float(scalar), self)])
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: Any) -> Operator:
+        if isinstance(scalar, numbers.Real) and not isinstance(scalar, bool):
+            return SumOperator([(1.0 / float(scalar), self)])
+        return NotImplemented
+
+    # ------------------------------------------------------------------ conversions
+    def to_scipy(self, dtype: Any = None) -> LinearOperator:
+        """This operator as a ``scipy.sparse.linalg.LinearOperator`` on numpy vectors.
+
+        Parameters
+        ----------
+        dtype : numpy dtype, optional
+            The numpy dtype scipy sees (default: the operator's dtype in numpy). Inputs are
+            converted to the operator's torch dtype and device, outputs back to numpy.
+
+        Examples
+        --------
+        >>> import numpy as np, torch, curvlab
+        >>> from scipy.sparse.linalg import eigsh
+        >>> A = curvlab.DenseOperator(torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64)))
+        >>> float(eigsh(A.to_scipy(), k=1)[0][0])
+        5.0
+        """
+        from scipy.sparse.linalg import LinearOperator
+
+        np_dtype = np.dtype(dtype) if dtype is not None else _numpy_dtype(self.dtype)
+
+        def apply(x: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.asarray(x), device=self.device).to(self.dtype)
+            return self.matvec(t).detach().cpu().numpy().astype(np_dtype, copy=False)
+
+        return LinearOperator(
+            self.shape, matvec=apply, rmatvec=apply, matmat=apply, rmatmat=apply, dtype=np_dtype
+        )
+
+    def to_dense(
+        self, max_params: int = DEFAULT_MAX_DENSE_PARAMS, chunk: int = 256
+    ) -> torch.Tensor:
+        """The [P, P] matrix, assembled from products with identity columns.
+
+        Parameters
+        ----------
+        max_params : int, default 20000
+            Refuse (with the memory it would take) above this P.
+        chunk : int, default 256
+            Identity columns per product block.
+        """
+        if self.num_params > max_params:
+            gib = self.num_params**2 * torch.finfo(self.dtype).bits / 8 / 2**30
+            raise InvalidInputError(
+                f"to_dense would form a {self.num_params} x {self.num_params} matrix "
+                f"({gib:.1f} GiB) above max_params={max_params}; use matvec-based methods "
+                "or raise max_params"
+            )
+        from curvlab.spectral._krylov import column_blocks
+
+        return torch.cat([cols for _, cols in column_blocks(self, chunk)], dim=1)
+
+    # ------------------------------------------------------------------ spectral methods
+    def eigenpairs(self, k: int = 10, which: str = "largest", **options: Any) -> Eigenpairs:
+        """Extreme eigenpairs by thick-restart Lanczos: see :func:`curvlab.spectral.eigenpairs`."""
+        from curvlab.spectral.lanczos import eigenpairs
+
+        return eigenpairs(self, k=k, which=which, **options)
+
+    def spectral_density(self, **options: Any) -> SpectralDensity:
+        """Stochastic Lanczos quadrature: see :func:`curvlab.spectral.spectral_density`."""
+        from curvlab.spectral.slq import spectral_density
+
+        return spectral_density(self, **options)
+
+    def trace(self, n_matvecs: int = 60, method: str = "hutch++", seed: Seed = 0) -> Estimate:
+        """Stochastic trace with a standard error: see :func:`curvlab.spectral.trace`."""
+        from curvlab.spectral.trace import trace
+
+        return trace(self, n_matvecs=n_matvecs, method=method, seed=seed)
+
+    def trace_of_square(
+        self, n_matvecs: int = 60, method: str = "hutchinson", seed: Seed = 0
+    ) -> Estimate:
+        """Stochastic Tr A^2 with a standard error: see :func:`curvlab.spectral.trace_of_square`."""
+        from curvlab.spectral.trace import trace_of_square
+
+        return trace_of_square(self, n_matvecs=n_matvecs, method=method, seed=seed)
 
 
-class DenseOperator:
-    """A symmetric matrix as an operator; counts its matrix-vector products."""
+def is_operator(obj: Any) -> bool:
+    """Whether ``obj`` can be used as an operator: an :class:`Operator`, or any object with
+    ``num_params``, ``dtype``, ``device`` and ``matvec``."""
+    return isinstance(obj, Operator) or all(hasattr(obj, a) for a in _PROTOCOL)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def check_same_space(operators: list[Operator]) -> Operator:
+    """Refuse operators of different size, dtype or device; return the first."""
+    first = operators[0]
+    for op in operators[1:]:
+        if (op.num_params, op.dtype, op.device) != (first.num_params, first.dtype, first.device):
+            raise InvalidInputError(
+                "operators must share num_params, dtype and device to be combined, got "
+                f"({first.num_params}, {first.dtype}, {first.device}) and "
+                f"({op.num_params}, {op.dtype}, {op.device})"
+            )
+    return first
+
+
+class _Combined(Operator):
+    """Shared plumbing of operators built from others."""
+
+    def _adopt(self, operators: list[Operator]) -> None:
+        first = check_same_space(operators)
+        self.num_params, self.dtype, self.device = first.num_params, first.dtype, first.device
+        self.n_matvecs = 0
+
+
+class SumOperator(_Combined):
+    """sum_i c_i A_i for scalars c_i and operators A_i of one shape, dtype and device."""
+
+    def __init__(self, terms: list[tuple[float, Operator]]):
+        flat: list[tuple[float, Operator]] = []
+        for c, op in terms:  # (a + b) + c stays one flat sum
+            if isinstance(op, SumOperator):
+                flat += [(c * ci, oi) for ci, oi in op.terms]
+            else:
+                flat.append((float(c), op))
+        self._adopt([op for _, op in flat])
+        self.terms = flat
+
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        out = None
+        for c, op in self.terms:
+            term = op.matvec(V)
+            out = c * term if out is None else out.add_(term, alpha=c)
+        return out
+
+    def __repr__(self) -> str:
+        return " + ".join(f"{c:g} * {type(op).__name__}" for c, op in self.terms)
+
+
+class ProductOperator(_Combined):
+    """A B: ``(A @ B) @ v = A @ (B @ v)``."""
+
+    def __init__(self, left: Operator, right: Operator):
+        self._adopt([left, right])
+        self.left, self.right = left, right
+
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        return self.left.matvec(self.right.matvec(V))
+
+
+class DenseOperator(Operator):
+    """An explicit square matrix as an operator (tests, synthetic models, small problems).
+
+    Parameters
+    ----------
+    matrix : torch.Tensor
+        [P, P]; symmetric for the spectral methods.
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> op = curvlab.DenseOperator(torch.eye(3, dtype=torch.float64))
+    >>> op.trace(n_matvecs=6).value
+    3.0
+    """
 
     def __init__(self, matrix: torch.Tensor):
-        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2:
+            raise InvalidInputError("expected a square [P, P] torch.Tensor")
+        if matrix.shape[0] != matrix.shape[1]:
             raise InvalidInputError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
         self.matrix = matrix
         self.num_params = matrix.shape[0]
@@ -35,9 +328,46 @@ class DenseOperator:
         self.device = matrix.device
         self.n_matvecs = 0
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        self.n_matvecs += 1 if v.ndim == 1 else v.shape[1]
-        return self.matrix @ v
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ V
 
-    def to_dense(self) -> torch.Tensor:
+    def to_dense(self, max_params: int = DEFAULT_MAX_DENSE_PARAMS, chunk: int = 256):
         return self.matrix
+
+
+class IdentityOperator(Operator):
+    """The P x P identity (build damped operators as ``est + delta * IdentityOperator.like(est)``).
+
+    Parameters
+    ----------
+    num_params : int
+    dtype : torch.dtype, default torch.float32
+    device : torch.device or str, default "cpu"
+    """
+
+    def __init__(
+        self, num_params: int, dtype: torch.dtype = torch.float32, device: Any = "cpu"
+    ):
+        if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
+            raise InvalidInputError(f"num_params must be a positive int, got {num_params!r}")
+        self.num_params, self.dtype, self.device = num_params, dtype, torch.device(device)
+        self.n_matvecs = 0
+
+    @classmethod
+    def like(cls, op: Operator) -> IdentityOperator:
+        """The identity on ``op``'s space (size, dtype, device)."""
+        return cls(op.num_params, op.dtype, op.device)
+
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        return V.clone()
+
+
+__all__ = [
+    "DEFAULT_MAX_DENSE_PARAMS",
+    "DenseOperator",
+    "IdentityOperator",
+    "Operator",
+    "ProductOperator",
+    "SumOperator",
+    "is_operator",
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from curvlab.errors import InvalidInputError
-from curvlab.operators import Operator
+from curvlab.operators import is_operator
 
 #: A Lanczos step breaks down (the Krylov space is invariant) when the new residual is
 #: below this many units of roundoff times the operator-norm estimate.
@@ -14,7 +14,7 @@ BREAKDOWN_ULPS = 10.0
 
 def check_operator(op) -> int:
     """Validate ``op`` against the :class:`~curvlab.Operator` protocol; return P."""
-    if not isinstance(op, Operator):
+    if not is_operator(op):
         raise InvalidInputError(
             "expected an Operator (num_params, dtype, device, matvec); wrap an explicit "
             f"matrix with curvlab.DenseOperator, got {type(op).__name__}"
