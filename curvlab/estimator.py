@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from curvlab._params import as_batches, resolve_params
 from curvlab._random import Seed
 from curvlab.errors import InvalidInputError, NumericalError, UnsupportedCapabilityError
 from curvlab.operators import Operator
-from curvlab.results import Eigenpairs, Estimate, NoiseEstimate, SpectralDensity
+from curvlab.results import NoiseEstimate
 
 CURVATURES = ("hessian", "ggn", "fisher", "ef")
 
@@ -103,6 +103,30 @@ class CurvatureEstimator(Operator):
         optimizer step), so adapters know when cached graphs or factors are stale."""
         return tuple(t._version for t in self._state_tensors)
 
+    def with_data(self, data) -> CurvatureEstimator:
+        """The same estimator (backend, curvature, parameters, options) on other data.
+
+        Parameters
+        ----------
+        data : tuple of torch.Tensor or iterable of them
+            One (x, y) batch or an iterable of batches, as for the constructor.
+
+        Returns
+        -------
+        CurvatureEstimator
+            A new estimator of this class; this one is left unchanged.
+        """
+        from curvlab.noise import rebuild_estimator
+
+        return rebuild_estimator(self, data)
+
+    def subset(self, indices: torch.Tensor) -> CurvatureEstimator:
+        """The same estimator on the samples at ``indices`` (global indices over all ranks,
+        in that order; see :meth:`with_data`)."""
+        from curvlab.noise import subsample_estimator
+
+        return subsample_estimator(self, indices)
+
     def release(self) -> None:
         """Drop cached graphs and buffers (also happens when the estimator is collected)."""
 
@@ -154,42 +178,6 @@ class CurvatureEstimator(Operator):
         return out
 
     # ------------------------------------------------------------------ algorithms
-    def eigenpairs(
-        self,
-        k: int = 10,
-        which: str = "largest",
-        tol: float = 1e-6,
-        max_iter: int | None = None,
-        seed: Seed = 0,
-        **kwargs: Any,
-    ) -> Eigenpairs:
-        """Top/bottom-k eigenpairs by restarted Lanczos with full reorthogonalization."""
-        from curvlab.spectral.lanczos import eigenpairs
-
-        return eigenpairs(self, k=k, which=which, tol=tol, max_iter=max_iter, seed=seed, **kwargs)
-
-    def spectral_density(
-        self, n_probes: int = 10, n_steps: int = 80, seed: Seed = 0, **kwargs: Any
-    ) -> SpectralDensity:
-        """Stochastic Lanczos quadrature of the spectral density."""
-        from curvlab.spectral.slq import spectral_density
-
-        return spectral_density(self, n_probes=n_probes, n_steps=n_steps, seed=seed, **kwargs)
-
-    def trace(self, n_matvecs: int = 60, method: str = "hutch++", seed: Seed = 0) -> Estimate:
-        """Stochastic trace estimate with a standard error."""
-        from curvlab.spectral.trace import trace
-
-        return trace(self, n_matvecs=n_matvecs, method=method, seed=seed)
-
-    def trace_of_square(
-        self, n_matvecs: int = 60, method: str = "hutchinson", seed: Seed = 0
-    ) -> Estimate:
-        """Stochastic estimate of Tr H^2 = E||Hz||^2 with a standard error."""
-        from curvlab.spectral.trace import trace_of_square
-
-        return trace_of_square(self, n_matvecs=n_matvecs, method=method, seed=seed)
-
     def diagonal(
         self, method: str | None = None, n_matvecs: int = 100, seed: Seed = 0
     ) -> torch.Tensor:
