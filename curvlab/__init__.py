@@ -4,6 +4,7 @@ and principled damping from the noise in those estimates.
 ``import curvlab`` needs only torch, numpy and scipy; backends load when first used.
 """
 
+from curvlab._version import __version__ as __version__
 from curvlab.errors import (
     BackendUnavailableError,
     CurvlabError,
@@ -18,8 +19,6 @@ from curvlab.estimator import CURVATURES, CurvatureEstimator
 from curvlab.operators import DenseOperator, IdentityOperator, Operator
 from curvlab.registry import backends, estimator, register
 from curvlab.results import BackendInfo, Eigenpairs, Estimate, NoiseEstimate, SpectralDensity
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CURVATURES",
