@@ -1,7 +1,11 @@
 """The ``curvlab`` command: ``tour``, ``experiment NAME`` and ``backends``.
 
-Exit codes: 0 success, 1 a curvlab error at run time (one line on stderr), 2 a usage error
-(bad arguments; argparse's message, no traceback), 130 interrupted.
+Exit codes: 0 success, 1 a curvlab error or an ``OSError`` (unwritable folder, disk full) at
+run time (one line on stderr), 2 a usage error (bad arguments, an ``--out`` that is a file or
+is not empty without ``--force``; argparse's message, no traceback), 130 interrupted.
+
+``--out`` is checked before any computation starts: it is created if needed and must accept
+a file. Results go to stdout; progress bars and notes go to stderr.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import argparse
 import importlib
 import json
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from curvlab._params import resolve_device
@@ -77,6 +83,11 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
         metavar="DIR",
         help=f"output folder, created if needed (default: {default_out})",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty --out, overwriting files of the same names",
+    )
     parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     parser.add_argument(
         "--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default: cpu)"
@@ -90,15 +101,23 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
         "them down badly on a busy machine)",
     )
     parser.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=sys.stderr.isatty(),
+        help="progress bars on stderr even when it is not a terminal",
+    )
+    parser.add_argument(
         "--no-progress",
         dest="progress",
         action="store_false",
-        default=sys.stderr.isatty(),
-        help="no progress bars (default: shown on a terminal)",
+        help="no progress bars (default: shown when stderr is a terminal)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``curvlab`` argument parser with its ``tour``, ``experiment`` and ``backends``
+    subcommands."""
     from curvlab import __version__
 
     parser = argparse.ArgumentParser(
@@ -120,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tour.add_argument("--fast", action="store_true", help="reduced sizes (under a minute)")
     _common(tour, "curvlab-tour")
-    tour.set_defaults(func=cmd_tour)
+    tour.set_defaults(func=cmd_tour, command_parser=tour)
 
     exp = sub.add_parser(
         "experiment",
@@ -148,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast", dest="scale", action="store_const", const="fast", help="same as --scale fast"
     )
     _common(exp, "curvlab-results")
-    exp.set_defaults(func=cmd_experiment)
+    exp.set_defaults(func=cmd_experiment, command_parser=exp)
 
     back = sub.add_parser(
         "backends",
@@ -164,13 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 
 
-def _setup(args) -> None:
+def _setup(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
 
 
-def cmd_tour(args) -> int:
+def cmd_tour(args: argparse.Namespace) -> int:
+    """``curvlab tour``: run the tour into ``args.out`` and print its headline numbers."""
     _setup(args)
     from curvlab.experiments import tour
 
@@ -193,7 +213,8 @@ def cmd_tour(args) -> int:
     return 0
 
 
-def cmd_experiment(args) -> int:
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """``curvlab experiment NAME``: run one experiment (or all) and print each verdict."""
     _setup(args)
     from curvlab.experiments._common import verdict_word
 
@@ -230,7 +251,8 @@ def cmd_experiment(args) -> int:
     return 0
 
 
-def cmd_backends(args) -> int:
+def cmd_backends(args: argparse.Namespace) -> int:
+    """``curvlab backends``: print every backend's availability and capabilities."""
     from curvlab.registry import backends
 
     infos = backends()
@@ -270,16 +292,72 @@ def cmd_backends(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``curvlab`` command; returns the exit code."""
+# --------------------------------------------------------------------------- entry point
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Make sure ``--out`` can take the results before anything is computed.
+
+    A non-empty folder without ``--force`` is a usage error (exit 2). The folder is then
+    created and a temporary file is written in it, so an unwritable or full folder raises an
+    ``OSError`` now rather than after the whole run.
+    """
+    out: Path = args.out
+    if out.is_dir() and not args.force:
+        entries = sorted(path.name for path in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            count = f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}"
+            args.command_parser.error(
+                f"--out {str(out)!r} is not empty ({count}: {shown}); pass "
+                "--force to write into it (files of the same names are overwritten), or "
+                "choose another folder"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):
+        pass
+
+
+def _describe(exc: OSError) -> str:
+    """An OSError as "reason: 'file'" (its errno is noise to a user)."""
+    if exc.strerror and exc.filename is not None:
+        return f"{exc.strerror}: {str(exc.filename)!r}"
+    return exc.strerror or str(exc)
+
+
+def _fail(message: str) -> int:
+    """Print ``message`` as one line on stderr; the exit code of a run-time error."""
+    print(f"curvlab: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``curvlab`` command with ``argv`` (default: ``sys.argv[1:]``).
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after the program name.
+
+    Returns
+    -------
+    int
+        The exit code: 0 success, 1 a run-time error (a one-line message on stderr),
+        130 interrupted. Usage errors exit through ``SystemExit(2)`` with argparse's message.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if hasattr(args, "out"):
+            try:
+                _check_out(args)
+            except OSError as exc:
+                return _fail(f"cannot write to --out {str(args.out)!r}: {_describe(exc)}")
         return args.func(args)
     except CurvlabError as exc:
-        message = " ".join(str(exc).split())
-        print(f"curvlab: error: {message}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(_describe(exc))
     except KeyboardInterrupt:
         print("curvlab: interrupted", file=sys.stderr)
         return 130

@@ -1,7 +1,9 @@
-"""The ``curvlab`` command: the tour end to end, usage errors, run-time errors, backends."""
+"""The ``curvlab`` command: the tour end to end, usage errors, run-time errors, the --out
+checks, progress on stderr, backends."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import curvlab
 from curvlab import cli
 from curvlab.errors import InvalidInputError
 from curvlab.experiments import tour
@@ -169,6 +172,99 @@ def test_experiment_command_writes_the_report(tmp_path, capsys):
     assert (tmp_path / "algorithm1.md").exists() and (tmp_path / "algorithm1.json").exists()
 
 
+def test_force_writes_into_a_non_empty_out_with_progress_on_stderr(tmp_path, capsys):
+    (tmp_path / "algorithm1.md").write_text("stale")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = torch.get_num_threads()
+    try:
+        argv = ["experiment", "algorithm1", "--scale", "smoke", "--out", str(tmp_path)]
+        code = cli.main([*argv, "--threads", "1", "--force", "--progress"])
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].startswith("algorithm1: ")
+    assert all(line.startswith(("algorithm1: ", "  ")) for line in lines), captured.out
+    assert "it/s" not in captured.out and "\r" not in captured.out
+    assert "algorithm1: " in captured.err and "it/s" in captured.err  # the tqdm bars
+    assert (tmp_path / "algorithm1.md").read_text() != "stale"
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def _no_run(monkeypatch) -> list:
+    """Replace the tour's computation by a recorder: the --out checks must refuse first."""
+    calls = []
+    monkeypatch.setattr(tour, "run", lambda *args, **kwargs: calls.append(args))
+    return calls
+
+
+def test_non_empty_out_is_refused_before_any_computation(tmp_path, capsys, monkeypatch):
+    calls = _no_run(monkeypatch)
+    (tmp_path / "report.md").write_text("the user's report")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["tour", "--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not empty (1 entry: report.md)" in err and "--force" in err
+    assert "Traceback" not in err
+    assert calls == [] and (tmp_path / "report.md").read_text() == "the user's report"
+
+
+def test_out_that_cannot_be_created_fails_before_any_computation(tmp_path, capsys, monkeypatch):
+    calls = _no_run(monkeypatch)
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    out = afile / "results"  # a folder inside a file: mkdir raises NotADirectoryError
+    assert cli.main(["tour", "--out", str(out)]) == 1
+    assert calls == []
+    assert capsys.readouterr().err == (
+        f"curvlab: error: cannot write to --out {str(out)!r}: Not a directory: {str(out)!r}\n"
+    )
+
+
+def test_unwritable_out_fails_before_any_computation(tmp_path, capsys, monkeypatch):
+    calls = _no_run(monkeypatch)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(kwargs["dir"]))
+
+    # root writes through permission bits, so the refusal of the probe file is simulated
+    monkeypatch.setattr(cli.tempfile, "TemporaryFile", denied)
+    out = tmp_path / "new"
+    assert cli.main(["tour", "--out", str(out)]) == 1
+    assert calls == []
+    assert capsys.readouterr().err == (
+        f"curvlab: error: cannot write to --out {str(out)!r}: Permission denied: {str(out)!r}\n"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
+def test_read_only_out_fails_before_any_computation(tmp_path, capsys, monkeypatch):
+    calls = _no_run(monkeypatch)
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        assert cli.main(["tour", "--out", str(out)]) == 1
+    finally:
+        out.chmod(0o700)
+    assert calls == [] and "Permission denied" in capsys.readouterr().err
+
+
+def test_os_error_during_the_run_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    report = tmp_path / "out" / "report.md"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(report))
+
+    monkeypatch.setattr(tour, "run", disk_full)
+    assert cli.main(["tour", "--out", str(tmp_path / "out")]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"curvlab: error: No space left on device: {str(report)!r}\n"
+    assert captured.out == ""
+
+
 def test_help_everywhere(capsys):
     for argv in ([], ["tour"], ["experiment"], ["backends"]):
         with pytest.raises(SystemExit) as info:
@@ -186,6 +282,18 @@ def test_backends_command(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["autograd"]["available"] is True
     assert "hessian" in info["autograd"]["curvatures"]
+
+
+def test_python_dash_m_curvlab():
+    proc = subprocess.run(
+        [sys.executable, "-m", "curvlab", "backends"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[:2] == ["backend", "installed"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "curvlab", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and proc.stdout == f"curvlab {curvlab.__version__}\n"
 
 
 @pytest.mark.skipif(not ENTRY_POINT.exists(), reason="package not installed with its scripts")
