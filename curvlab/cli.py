@@ -20,17 +20,7 @@ from pathlib import Path
 
 from curvlab._params import resolve_device
 from curvlab.errors import CurvlabError
-
-EXPERIMENTS = (
-    "theorem1",
-    "algorithm1",
-    "lanczos_damping",
-    "damping_sweep",
-    "autodamping",
-    "stable_lr",
-)
-SCALES = ("smoke", "fast", "paper")
-
+from curvlab.experiments.registry import EXPERIMENTS, SCALES
 
 # --------------------------------------------------------------------------- argument types
 

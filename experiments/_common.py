@@ -24,8 +24,9 @@ from torch import nn
 
 import curvlab
 from curvlab._params import resolve_device
-from curvlab.cli import SCALES
 from curvlab.errors import InvalidInputError
+
+from .registry import SCALES
 
 #: Keys every experiment's JSON has (documented in each module's FIELDS).
 COMMON_FIELDS = (
