@@ -1,14 +1,18 @@
 """Spectral-density figures: the bulk, its Tracy-Widom margin and the outliers (paper Fig. 2).
 
-matplotlib is an optional extra (``pip install 'curvlab[experiments]'``) imported only when a
-figure is drawn; figures are rendered off-screen with the Agg canvas, leaving pyplot's state
-and the user's chosen backend untouched.
+Every helper draws on the ``ax=`` it is given (or on a Figure of its own), returns the
+Figure, and writes a file only when given ``path=``. matplotlib is an optional extra
+(``pip install 'curvlab[experiments]'``) imported only when a figure is drawn; Figures of
+their own are rendered off-screen with the Agg canvas, leaving pyplot's state and the user's
+chosen backend untouched.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,11 +21,16 @@ from curvlab import rmt
 from curvlab.errors import BackendUnavailableError, InvalidInputError
 from curvlab.results import Eigenpairs, SpectralDensity
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 __all__ = ["plot_spectral_density"]
 
 # Lowest density shown on the log panel, relative to the peak: an outlier's bump of mass 1/P
 # stands about 1/P above the bulk, so 1e-8 keeps outliers of spectra up to P ~ 1e8 in view.
 _LOG_FLOOR = 1e-8
+_PANELS = ("linear", "log")
 
 
 def _numpy(values) -> np.ndarray:
@@ -47,20 +56,76 @@ def plot_spectral_density(
     eigenvalues=None,
     bulk: rmt.BulkFit | None = None,
     *,
-    path: str | os.PathLike = "spectral_density.png",
-    title: str = "Spectral density",
+    ax: Axes | Sequence[Axes] | None = None,
+    panels: Sequence[str] | None = None,
+    path: str | os.PathLike | None = None,
+    title: str | None = None,
     bins: int = 100,
-) -> Path:
-    """Save a two-panel PNG of a spectrum: density on linear axes (left) and on a log density
-    axis (right), where outliers of tiny mass stay visible.
+) -> Figure:
+    """Draw a spectrum: its density on linear axes and on a log density axis, where outliers of
+    tiny mass stay visible (paper Fig. 2).
 
     ``density`` (from stochastic Lanczos quadrature) is drawn as its broadened curve; without
-    it, ``eigenvalues`` (full spectrum) are drawn as a histogram of ``bins`` bins. With both,
-    the eigenvalues (e.g. the top ones from Lanczos) are marked as ticks along the x axis.
-    A :class:`~curvlab.rmt.BulkFit` adds the fitted bulk (shaded, with its law scaled to the
+    it, ``eigenvalues`` (the full spectrum) are drawn as a histogram. With both, the
+    eigenvalues (e.g. the top ones from Lanczos) are marked as ticks along the x axis. A
+    :class:`~curvlab.rmt.BulkFit` adds the fitted bulk (shaded, with its law scaled to the
     bulk's share), its edges (dashed), the Tracy-Widom margin plus any quadrature error
     (orange bands) and the outliers (red triangles, counted in the legend).
-    Returns the path written; parent folders are created.
+
+    Parameters
+    ----------
+    density : SpectralDensity or None, default None
+        A density from ``est.spectral_density(...)``.
+    eigenvalues : tensor, array, sequence or Eigenpairs, optional
+        Eigenvalues: the full spectrum (histogram) or, with ``density``, a few to mark.
+    bulk : BulkFit or None, default None
+        A fit from :func:`curvlab.rmt.fit_bulk_edge` to overlay.
+    ax : matplotlib Axes, sequence of Axes, or None, default None
+        Where to draw, one Axes per panel. None draws on a new Figure of its own (rendered
+        off-screen, so pyplot's state and the chosen backend stay untouched).
+    panels : {"linear", "log"}, a sequence of them, or None, default None
+        Which panels to draw, in order. None: ``("linear", "log")``, or only as many as the
+        Axes given (one Axes gets the linear panel).
+    path : str, PathLike or None, default None
+        When given, the Figure is also saved there (format from the suffix, PNG without one;
+        parent folders are created). Nothing is written without it.
+    title : str or None, default None
+        The Figure's title (on a Figure of its own, "Spectral density" when None), or the
+        first given Axes' title.
+    bins : int, default 100
+        Histogram bins when no ``density`` is given.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        The Figure drawn on: a new one, or the one holding the given Axes.
+
+    Raises
+    ------
+    InvalidInputError
+        Neither ``density`` nor ``eigenvalues``, non-finite eigenvalues, ``bins < 1``, an
+        unknown panel, or as many Axes as panels not given.
+    BackendUnavailableError
+        matplotlib is not installed (``pip install 'curvlab[experiments]'``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab import rmt
+    >>> from curvlab.plotting import plot_spectral_density
+    >>> matrix, _ = rmt.spiked_wigner(200, [4.0], seed=0)
+    >>> eigenvalues = torch.linalg.eigvalsh(matrix)
+    >>> fig = plot_spectral_density(eigenvalues=eigenvalues, bulk=rmt.fit_bulk_edge(eigenvalues))
+    >>> len(fig.axes)
+    2
+
+    Draw into a panel of your own figure:
+
+    >>> from matplotlib.figure import Figure
+    >>> mine = Figure()
+    >>> left, right = mine.subplots(1, 2)
+    >>> plot_spectral_density(eigenvalues=eigenvalues, ax=right, panels=["log"]) is mine
+    True
     """
     if density is None and eigenvalues is None:
         raise InvalidInputError("pass a SpectralDensity, eigenvalues, or both")
@@ -70,7 +135,15 @@ def plot_spectral_density(
         )
     if bins < 1:
         raise InvalidInputError(f"bins must be >= 1; got {bins}")
+    if panels is not None:
+        panels = (panels,) if isinstance(panels, str) else tuple(panels)
+        unknown = [p for p in panels if p not in _PANELS]
+        if unknown or not panels:
+            raise InvalidInputError(
+                f"panels must be a non-empty sequence of {_PANELS}; got {panels!r}"
+            )
     try:
+        from matplotlib.axes import Axes
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
@@ -82,48 +155,82 @@ def plot_spectral_density(
     if values is not None and (values.size == 0 or not np.isfinite(values).all()):
         raise InvalidInputError("eigenvalues must be non-empty and finite")
 
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
-    for ax, log in zip(axes, (False, True)):
-        if density is not None:
-            grid, curve = _numpy(density.grid), _numpy(density.density)
-            ax.plot(grid, np.where(curve > 0, curve, np.nan), color="C0", label="density")
-            if not log:
-                ax.fill_between(grid, curve, color="C0", alpha=0.2)
-            if values is not None:
-                ax.plot(
-                    values,
-                    np.zeros_like(values),
-                    "|",
-                    color="k",
-                    markersize=12,
-                    transform=ax.get_xaxis_transform(),
-                    label="eigenvalues",
-                )
-        else:
-            ax.hist(values, bins=bins, density=True, color="C0", alpha=0.6, label="eigenvalues")
-        if bulk is not None:
-            _draw_bulk(ax, bulk)
-        peak = np.nanmax(_numpy(density.density)) if density is not None else 0.0
-        if log:
-            ax.set_yscale("log")
-            if peak > 0:
-                ax.set_ylim(_LOG_FLOOR * peak, 3 * peak)
-        elif peak > 0:  # keep a narrow fitted law from flattening the measured density
-            ax.set_ylim(0, 1.15 * peak)
-        ax.set_xlabel("eigenvalue")
-        ax.set_ylabel("density (log scale)" if log else "density")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small")
-    fig.suptitle(title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=110)
-    return path
+    if ax is None:
+        panels = panels or _PANELS
+        fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = list(np.ravel(fig.subplots(1, len(panels), squeeze=False)))
+    else:
+        axes = [ax] if isinstance(ax, Axes) else list(np.ravel(np.asarray(ax, dtype=object)))
+        if not axes or not all(isinstance(a, Axes) for a in axes):
+            raise InvalidInputError(
+                f"ax must be a matplotlib Axes or a sequence of them; got {ax!r}"
+            )
+        panels = panels or _PANELS[: len(axes)]
+        fig = axes[0].figure.figure  # the root Figure, also for Axes on a SubFigure
+    if len(axes) != len(panels):
+        raise InvalidInputError(
+            f"got {len(axes)} Axes for the panels {panels}; pass one Axes per panel "
+            "(e.g. panels=['log'] with one Axes)"
+        )
+
+    for axis, panel in zip(axes, panels):
+        _draw_panel(axis, panel == "log", density, values, bulk, bins)
+    if ax is None:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small")
+        fig.suptitle("Spectral density" if title is None else title)
+    else:
+        axes[0].legend(fontsize="small")
+        if title is not None:
+            axes[0].set_title(title)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    return fig
 
 
-def _draw_bulk(ax, bulk: rmt.BulkFit) -> None:
+def _draw_panel(
+    ax: Axes,
+    log: bool,
+    density: SpectralDensity | None,
+    values: np.ndarray | None,
+    bulk: rmt.BulkFit | None,
+    bins: int,
+) -> None:
+    """One panel: the density curve (or histogram), eigenvalue ticks, the bulk overlay."""
+    if density is not None:
+        grid, curve = _numpy(density.grid), _numpy(density.density)
+        ax.plot(grid, np.where(curve > 0, curve, np.nan), color="C0", label="density")
+        if not log:
+            ax.fill_between(grid, curve, color="C0", alpha=0.2)
+        if values is not None:
+            ax.plot(
+                values,
+                np.zeros_like(values),
+                "|",
+                color="k",
+                markersize=12,
+                transform=ax.get_xaxis_transform(),
+                label="eigenvalues",
+            )
+    else:
+        ax.hist(values, bins=bins, density=True, color="C0", alpha=0.6, label="eigenvalues")
+    if bulk is not None:
+        _draw_bulk(ax, bulk)
+    peak = np.nanmax(_numpy(density.density)) if density is not None else 0.0
+    if log:
+        ax.set_yscale("log")
+        if peak > 0:
+            ax.set_ylim(_LOG_FLOOR * peak, 3 * peak)
+    elif peak > 0:  # keep a narrow fitted law from flattening the measured density
+        ax.set_ylim(0, 1.15 * peak)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log scale)" if log else "density")
+
+
+def _draw_bulk(ax: Axes, bulk: rmt.BulkFit) -> None:
     ax.axvspan(bulk.edge_left, bulk.edge_right, color="C2", alpha=0.12, label="fitted bulk")
     for edge in (bulk.edge_left, bulk.edge_right):
         ax.axvline(edge, color="C2", linestyle="--", linewidth=1)
