@@ -491,3 +491,20 @@ def test_spiked_wigner_and_goe():
     assert float(off.var()) == pytest.approx(2.25 / 400, rel=0.01)
     with pytest.raises(InvalidInputError):
         rmt.spiked_wigner(3, [1.0] * 4)
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_every_public_name_is_reachable_from_curvlab_rmt():
+    """The package splits laws, bulk fitting and synthetic matrices; ``rmt.NAME`` stays the
+    one spelling users need, and each name has one home."""
+    import curvlab
+    from curvlab.rmt import bulk, laws, synthetic
+
+    homes = [set(module.__all__) for module in (laws, bulk, synthetic)]
+    assert set(rmt.__all__) == set.union(*homes) and sum(map(len, homes)) == len(rmt.__all__)
+    for module in (laws, bulk, synthetic):
+        for name in module.__all__:
+            assert getattr(rmt, name) is getattr(module, name), name
+    assert curvlab.rmt is rmt  # the lazy attribute of the top-level package
