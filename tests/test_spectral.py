@@ -171,7 +171,8 @@ def test_reproducible_with_seed():
 
 
 def test_k100_bounded_memory(monkeypatch):
-    """k = 100 on P = 2000: converges with one [P, ncv + 1] basis and about k locked vectors."""
+    """k = 100 on P = 2000: converges with one [ncv + 1, P] basis of contiguous rows and about
+    k locked vectors."""
     P, k = 2000, 100
     d = torch.cat([torch.linspace(3.0, 1.0, k), bulk(P - k, 0.0, 0.9)]).to(F64)
     op = HouseholderOperator(d)
@@ -187,7 +188,7 @@ def test_k100_bounded_memory(monkeypatch):
         return basis
 
     def result(self, *args, **kwargs):
-        sizes.append((self.X.shape[1], self.R.shape[1]))
+        sizes.append((self.X.shape[0], self.R.shape[0]))
         return real_result(self, *args, **kwargs)
 
     monkeypatch.setattr(lanczos_module, "_new_basis", new_basis)
@@ -195,7 +196,7 @@ def test_k100_bounded_memory(monkeypatch):
     res = eigenpairs(op, k=k, seed=0)
     assert res.converged
     ncv = 2 * k + 1
-    assert shapes == [(P, ncv + 1)]
+    assert shapes == [(ncv + 1, P)]
     locked, residual_dirs = sizes[0]
     assert locked <= 2 * k and residual_dirs <= 3
     assert torch.allclose(res.values, d[:k], rtol=1e-9)
@@ -205,10 +206,11 @@ def test_k100_bounded_memory(monkeypatch):
 
 
 def test_dense_fallback_for_small_operators():
-    A = sym(torch.linspace(-3, 5, 50).to(F64))
+    """P <= 2 ncv (default ncv 20 for k = 4): P identity columns and a dense eigh."""
+    A = sym(torch.linspace(-3, 5, 40).to(F64))
     op = DenseOperator(A)
     res = eigenpairs(op, k=4, which="both")
-    assert op.n_matvecs == res.n_matvecs == 50 and res.converged
+    assert op.n_matvecs == res.n_matvecs == 40 and res.converged
     ref = torch.linalg.eigvalsh(A)
     assert torch.allclose(res.values, torch.cat([ref[-2:].flip(0), ref[:2].flip(0)]), atol=1e-12)
     true_res = (A @ res.vectors - res.vectors * res.values).norm(dim=0)

@@ -57,17 +57,18 @@ def breakdown_threshold(dtype: torch.dtype, scale: float) -> float:
     return BREAKDOWN_ULPS * torch.finfo(dtype).eps * scale
 
 
-def cgs2(w: torch.Tensor, *bases: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Classical Gram–Schmidt twice ("twice is enough") of ``w`` against orthonormal bases.
+def cgs2_(w: torch.Tensor, *bases: torch.Tensor) -> list[torch.Tensor]:
+    """Classical Gram–Schmidt twice ("twice is enough"), in place, of ``w`` against bases.
 
-    ``w`` is [P]; each basis is [P, j]. Returns the orthogonalized ``w`` and, per basis, the
-    summed projection coefficients of both passes (basis^T w for the original ``w``).
+    ``w`` is [P]; each basis is [j, P] with orthonormal rows (contiguous: every pass reads
+    rows in order). ``w`` is overwritten with its orthogonalized version; returns, per basis,
+    the summed projection coefficients of both passes (basis @ w for the original ``w``).
     """
-    coeffs = [torch.zeros(b.shape[1], dtype=w.dtype, device=w.device) for b in bases]
+    coeffs = [torch.zeros(b.shape[0], dtype=w.dtype, device=w.device) for b in bases]
     for _ in range(2):
         for i, basis in enumerate(bases):
-            if basis.shape[1]:
-                c = basis.T @ w
-                w = w - basis @ c
+            if basis.shape[0]:
+                c = torch.mv(basis, w)
+                w.addmv_(basis.T, c, alpha=-1)
                 coeffs[i] += c
-    return w, coeffs
+    return coeffs

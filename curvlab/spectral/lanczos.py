@@ -7,58 +7,79 @@ reorthogonalization (classical Gram–Schmidt applied twice) satisfies
     A V_j = V_j T_j + beta_j v_{j+1} e_j^T,        T_j = V_j^T A V_j  (dense, j x j),
 
 so a Ritz pair (theta, y = V_j s) of T_j has the residual A y - theta y = beta_j s_j v_{j+1},
-of norm |beta_j s_j| (the last component of s). When the basis is full, the wanted Ritz
+of norm |beta_j s_j| (the last component of s). The Ritz pairs are checked after every step
+(every ``ncv // 32`` steps for large ``ncv``), so a run stops as soon as its wanted pairs
+converge instead of at the end of a restart cycle. When the basis is full, the wanted Ritz
 vectors and some extra ones from the same end of the spectrum are kept and the residual
 vector v_{j+1} becomes the next basis vector (the kept block of T is diagonal plus the
-coupling row beta_j s_j, which the next Gram–Schmidt step recovers). Memory: the basis
-[P, ncv + 1] plus the locked vectors (about k more).
+coupling row beta_j s_j, which the next Gram–Schmidt step recovers).
+
+Layout and precision: the basis is stored as rows, one contiguous [ncv + 1, P] tensor
+allocated once, so every Gram–Schmidt pass reads memory in order and restarts are
+blocked matrix products. For products in a dtype below float64 (float32, half) the basis
+is kept in float64 when its float64 copy fits in :data:`~curvlab.spectral._budget.
+BASIS_MEMORY_FRACTION` (a quarter) of the device's total memory; products are then taken in
+the operator's dtype and orthogonalized in float64, which lets a float32 operator reach
+eigenvalue errors of about 1e-8 relative (like ARPACK on the same products through a
+float64 interface) instead of stalling near 1e-5. Memory: (ncv + 1) x P numbers of the
+basis dtype plus the k locked vectors when ``verify`` runs.
 
 Convergence: a wanted pair is converged when its residual norm is at most ``tol * scale``,
 scale = the largest ||A v|| over the unit basis vectors seen and the largest |theta| (so
 scale >= |theta| and the test is tol * max(|theta|, scale) = tol * scale), a lower bound on
-||A||_2 that is tight after a few steps. This is a backward-error test: the
-pair is exact for a matrix within ``tol * ||A||`` of A. Eigenvalue errors are at most the
-residual, and about residual^2 / gap for an isolated eigenvalue.
+||A||_2 that is tight after a few steps. This is a backward-error test: the pair is exact
+for a matrix within ``tol * ||A||`` of A. Eigenvalue errors are at most the residual, and
+about residual^2 / gap for an isolated eigenvalue.
 
 Repeated eigenvalues: a Krylov space from one start vector holds one direction of each
 eigenspace, so a single run cannot see the second copy of a repeated eigenvalue. With
-``verify=True`` (the default) the converged wanted pairs are locked and the iteration restarts
-from a fresh uniformly random unit vector u orthogonal to them (the deflated operator C). It
-stops when either
-- its extreme Ritz values are certified outside the wanted range: by Kuczyński & Woźniakowski
-  (SIAM J. Matrix Anal. Appl. 13, 1992, Thm 4.2) applied to the PSD operators C - lambda_min
-  and lambda_max - C, after j steps without restart (Krylov dimension j, counted as j - 1
-  products), with probability >= 1 - delta both
-      lambda_max(C) <= theta_max + eps d / (1 - 2 eps),
-      lambda_min(C) >= theta_min - eps d / (1 - 2 eps),
-  d = theta_max - theta_min, sqrt(eps) = ln(2 * 1.648 sqrt(P) / delta) / (2j - 3),
-  delta = VERIFY_FAILURE_PROB; typically 10-30 matvecs when the k-th eigenvalue is separated
-  from the rest; or
-- its extreme Ritz pairs pass the residual test outside the wanted set (the fallback when
-  the k-th eigenvalue sits in a dense part of the spectrum).
-Pairs of the deflated run that enter the wanted set are converged and locked in turn, and the
-check repeats.
+``verify`` (the default) the converged wanted pairs are locked and the iteration restarts
+from a fresh random unit vector u orthogonal to them, i.e. it runs Lanczos on the deflated
+operator C = (I - X X^T) A (I - X X^T), for ``VERIFY_STEPS`` (5) products. Every Ritz value
+theta of that run is a Rayleigh quotient y^T A y of a unit y orthogonal to the locked X, so
+by Courant–Fischer a theta above the k-th locked value theta_k by more than the tolerance
+``tol * scale`` proves that A has k eigenvalues above theta_k: a missed eigenvalue (the check
+has no false alarms). Then the deflated run continues until its wanted pairs converge, they
+are locked in turn, and the check repeats. A miss with eigenvalue lambda > theta_k is caught
+when the 5-step Ritz value passes theta_k; by Kuczyński & Woźniakowski (SIAM J. Matrix Anal.
+Appl. 13, 1992, Thm 4.2) for the PSD operator C - lambda_min(C), j steps reach
+theta >= lambda_min + (1 - eps)(lambda - lambda_min) with probability at least
+1 - 1.648 sqrt(P) exp(-sqrt(eps) (2j - 1)); in practice a copy well above theta_k (the
+common case: a repeated top eigenvalue of a network with symmetric units) shows in 3-5
+steps. A miss that the check does not catch sits close to theta_k, where a longer
+verification (``verify=20``) or a smaller ``tol`` finds it.
 
 Reported residuals are the Ritz estimates |beta s_j|, corrected for the couplings dropped when
 locking (kept as r_e^T V products), so they equal the true ||A x - lambda x|| up to roundoff
 of order eps ||A||. The small projected problems are solved in float64 on the CPU; all
-P-sized work stays in ``op.dtype`` on ``op.device``.
+P-sized work stays on ``op.device``.
+
+ARPACK (``scipy.sparse.linalg.eigsh``) was measured behind this interface (``python -m
+benchmarks eigen``, BENCHMARKS.md): it needs more products for the same pairs and
+tolerance (it checks convergence once per restart cycle of ncv = max(2k + 1, 20) steps) and
+runs on the CPU only, so no path delegates to it.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
 from curvlab._random import Seed, gaussian, make_generator
 from curvlab.errors import InvalidInputError, NotConvergedWarning
+from curvlab.progress import Callback, Progress
 from curvlab.results import Eigenpairs
+from curvlab.spectral._budget import (
+    TimedProducts,
+    element_size,
+    fits_budget,
+    warn_if_over_memory,
+)
 from curvlab.spectral._krylov import (
     apply,
     breakdown_threshold,
-    cgs2,
+    cgs2_,
     check_operator,
     check_positive_int,
     column_blocks,
@@ -69,10 +90,11 @@ WHICH = ("largest", "smallest", "both")
 DENSE_FACTOR = 2
 #: Default matvec budget, in units of ncv.
 MAX_ITER_FACTOR = 50
-#: Probability that the verification misses an eigenvalue beyond the k-th (worst case).
-VERIFY_FAILURE_PROB = 1e-3
+#: Products of the deflated run that checks for missed eigenvalues (``verify=True``).
+VERIFY_STEPS = 5
+#: Columns per block when the basis is combined into Ritz vectors (bounds the temporary).
+_COMBINE_CHUNK = 1 << 16
 
-_KW_CONSTANT = 1.648  # Kuczyński & Woźniakowski (1992), Theorem 4.2
 _F64 = torch.float64
 
 
@@ -85,27 +107,78 @@ def eigenpairs(
     max_iter: int | None = None,
     ncv: int | None = None,
     seed: Seed = 0,
-    verify: bool = True,
+    verify: bool | int = True,
+    basis_dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+    callback: Callback | None = None,
 ) -> Eigenpairs:
-    """The k extreme eigenpairs of the symmetric operator ``op``.
+    """The k extreme eigenpairs of the symmetric operator ``op`` by thick-restart Lanczos.
 
     Parameters
     ----------
-    op : any :class:`~curvlab.Operator` (an estimator, a :class:`~curvlab.DenseOperator`).
-    k : number of eigenpairs.
-    which : "largest" (algebraically largest), "smallest" (most negative first, for
-        indefinite Hessians) or "both" (ceil(k/2) largest and floor(k/2) smallest).
-    tol : residual tolerance relative to ||A||_2 (see the module docstring).
-    max_iter : matvec budget (default 50 * ncv, at least ncv).
-    ncv : basis size (default max(2k + 1, 30), capped at P; at least k + 2).
-    seed : start and restart vectors (int or torch.Generator).
-    verify : run the deflation check that finds repeated eigenvalues (module docstring).
+    op : Operator
+        Any :class:`~curvlab.Operator` (an estimator, a :class:`~curvlab.DenseOperator`) or
+        object with ``num_params``, ``dtype``, ``device`` and ``matvec``.
+    k : int, default 10
+        Number of eigenpairs.
+    which : {"largest", "smallest", "both"}, default "largest"
+        Algebraically largest, smallest (most negative first, for indefinite Hessians), or
+        ceil(k/2) largest and floor(k/2) smallest.
+    tol : float, default 1e-6
+        Residual tolerance relative to ||A||_2: every returned pair has
+        ||A x - lambda x|| <= tol ||A||_2, so each eigenvalue is within tol ||A||_2 of one of
+        A's, and within about (tol ||A||_2)^2 / gap for an eigenvalue separated by ``gap``
+        (about 1e-12 relative for the default and a well separated top eigenvalue).
+    max_iter : int, optional
+        Matvec budget (default 50 * ncv, at least ncv).
+    ncv : int, optional
+        Basis size (default max(2k + 1, 20), capped at P; at least k + 2).
+    seed : int or torch.Generator, default 0
+        Start and restart vectors.
+    verify : bool or int, default True
+        The check for missed copies of repeated eigenvalues (module docstring): True runs
+        ``VERIFY_STEPS`` (5) products of Lanczos on the operator deflated by the converged
+        pairs, an int that many, False none.
+    basis_dtype : torch.dtype, optional
+        dtype of the Lanczos basis. Default: float64 when ``op.dtype`` is a lower precision
+        and the float64 basis, (ncv + 1 + k) x P x 8 bytes, fits in a quarter of the
+        device's total memory; ``op.dtype`` otherwise.
+    progress : bool, optional
+        Show a progress bar on stderr (default: only when stderr is a terminal).
+    callback : callable, optional
+        Called with a :class:`~curvlab.progress.ProgressEvent` after every product; its
+        ``info`` holds ``n_matvecs`` and ``n_converged``.
 
-    Returns :class:`~curvlab.Eigenpairs` with values in descending order, vectors [P, k] as
-    matching columns, residual norms, the matvec count and ``converged`` (every pair meets
-    ``tol`` and the verification finished); a :class:`NotConvergedWarning` otherwise.
-    Operators with P <= 2 * ncv are solved directly: P matvecs with identity columns and a
-    dense ``eigh`` (residuals then measured exactly on the assembled matrix).
+    Returns
+    -------
+    Eigenpairs
+        Values in descending order, vectors [P, k] as matching columns, residual norms (all
+        in ``op.dtype`` on ``op.device``), the matvec count and ``converged`` (every pair
+        meets ``tol`` and the verification finished); a :class:`NotConvergedWarning`
+        otherwise. Operators with P <= 2 * ncv are solved directly: P matvecs with identity
+        columns and a dense ``eigh`` (residuals then measured exactly).
+
+    Warns
+    -----
+    CurvlabWarning
+        Before allocating a basis larger than the device's available memory, and when the
+        first product predicts a run above a minute (``curvlab.spectral._budget``).
+
+    References
+    ----------
+    K. Wu and H. Simon, "Thick-restart Lanczos method for large symmetric eigenvalue
+    problems", SIAM J. Matrix Anal. Appl. 22 (2000). J. Kuczyński and H. Woźniakowski,
+    "Estimating the largest eigenvalue by the power and Lanczos algorithms with a random
+    start", SIAM J. Matrix Anal. Appl. 13 (1992).
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> from curvlab.spectral import eigenpairs
+    >>> A = curvlab.DenseOperator(torch.diag(torch.arange(100.0, dtype=torch.float64)))
+    >>> pairs = eigenpairs(A, k=2, progress=False)
+    >>> [round(v, 6) for v in pairs.values.tolist()], pairs.converged
+    ([99.0, 98.0], True)
     """
     P = check_operator(op)
     check_positive_int("k", k)
@@ -115,9 +188,14 @@ def eigenpairs(
         raise InvalidInputError(f"which must be one of {WHICH}, got {which!r}")
     if not isinstance(tol, (int, float)) or not tol > 0 or tol != tol or tol == float("inf"):
         raise InvalidInputError(f"tol must be a positive finite number, got {tol!r}")
+    verify_steps = VERIFY_STEPS if verify is True else verify
+    if verify_steps is False:
+        verify_steps = 0
+    else:
+        check_positive_int("verify", verify_steps, 0)
     n_top, n_bot = {"largest": (k, 0), "smallest": (0, k), "both": ((k + 1) // 2, k // 2)}[which]
     if ncv is None:
-        ncv = max(2 * k + 1, 30)
+        ncv = max(2 * k + 1, 20)
     else:
         check_positive_int("ncv", ncv, k + 2)
     ncv = min(ncv, P)
@@ -125,84 +203,126 @@ def eigenpairs(
         max_iter = MAX_ITER_FACTOR * ncv
     else:
         check_positive_int("max_iter", max_iter, ncv)
-    if P <= DENSE_FACTOR * ncv:
-        return _dense_eigenpairs(op, n_top, n_bot, chunk=ncv)
-    gen = make_generator(seed, op.device)
-    solver = _ThickRestartLanczos(op, n_top, n_bot, float(tol), max_iter, ncv, gen, verify)
-    return solver.run()
+    rows = ncv + 1 + (k if verify_steps else 0)
+    dtype = _basis_dtype(op, rows, basis_dtype)
+    with Progress("eigenpairs", None, progress=progress, callback=callback) as bar:
+        if P <= DENSE_FACTOR * ncv:
+            return _dense_eigenpairs(op, n_top, n_bot, ncv, dtype, bar)
+        warn_if_over_memory(
+            f"eigenpairs(k={k}, ncv={ncv}): the Lanczos basis ({rows} x {P} {dtype})",
+            rows * P * element_size(dtype),
+            op.device,
+            "lower ncv or k, or pass basis_dtype=op.dtype",
+        )
+        gen = make_generator(seed, op.device)
+        solver = _ThickRestartLanczos(
+            op, n_top, n_bot, float(tol), max_iter, ncv, gen, verify_steps, dtype, bar
+        )
+        return solver.run()
 
 
-def _dense_eigenpairs(op, n_top: int, n_bot: int, chunk: int) -> Eigenpairs:
+def _basis_dtype(op, rows: int, requested: torch.dtype | None) -> torch.dtype:
+    """The memory rule of the module docstring (float64 when it fits, else ``op.dtype``)."""
+    if requested is not None:
+        if not isinstance(requested, torch.dtype) or not requested.is_floating_point:
+            raise InvalidInputError(f"basis_dtype must be a float dtype, got {requested!r}")
+        return requested
+    if op.dtype == _F64 or not op.dtype.is_floating_point:
+        return op.dtype
+    return _F64 if fits_budget(rows * op.num_params * 8, op.device) else op.dtype
+
+
+def _dense_eigenpairs(op, n_top: int, n_bot: int, chunk: int, dtype, bar) -> Eigenpairs:
     """Assemble A from P identity columns, solve with ``eigh``; exact residuals."""
     P = op.num_params
-    A = torch.cat([cols for _, cols in column_blocks(op, chunk)], dim=1)
+    blocks = []
+    for _, cols in column_blocks(op, chunk):
+        blocks.append(cols.to(dtype))
+        bar.update(cols.shape[1], n_matvecs=sum(b.shape[1] for b in blocks), n_converged=0)
+    A = torch.cat(blocks, dim=1)
     evals, evecs = torch.linalg.eigh((A + A.T) / 2)
     idx = torch.cat([torch.arange(P - 1, P - 1 - n_top, -1), torch.arange(n_bot - 1, -1, -1)])
     idx = idx.to(evals.device)
     values, vectors = evals[idx], evecs[:, idx]
     residuals = (A @ vectors - vectors * values).norm(dim=0)
-    return Eigenpairs(values, vectors, residuals, n_matvecs=P, converged=True)
+    return Eigenpairs(
+        values.to(op.dtype), vectors.to(op.dtype), residuals.to(op.dtype), P, converged=True
+    )
 
 
 class _ThickRestartLanczos:
-    """State of one run: active basis V, projected T, locked pairs and their couplings."""
+    """State of one run: active basis rows V, projected T, locked pairs and their couplings."""
 
-    def __init__(self, op, n_top, n_bot, tol, max_iter, ncv, gen, verify):
+    def __init__(self, op, n_top, n_bot, tol, max_iter, ncv, gen, verify_steps, dtype, bar):
         self.op, self.n_top, self.n_bot, self.tol = op, n_top, n_bot, tol
-        self.max_iter, self.m, self.gen, self.verify = max_iter, ncv, gen, verify
-        P, dt, dev = op.num_params, op.dtype, op.device
-        self.V = _new_basis(P, ncv + 1, dt, dev)
+        self.max_iter, self.m, self.gen = max_iter, ncv, gen
+        self.verify_steps = min(verify_steps, ncv)
+        self.dtype, self.bar = dtype, bar
+        P, dev = op.num_params, op.device
+        self.V = _new_basis(ncv + 1, P, dtype, dev)
         self.T = torch.zeros(ncv, ncv, dtype=_F64)
-        # Locked pairs (X, theta_lock) and, per locking event e, the dropped residual direction
-        # r_e (columns of R), ||b_e||^2, and G[e, i] = r_e^T V[:, i] for the active basis.
-        self.X = torch.zeros(P, 0, dtype=dt, device=dev)
+        # Locked pairs (rows X, theta_lock) and, per locking event e, the dropped residual
+        # direction r_e (rows of R), ||b_e||^2, and G[e, i] = r_e . V[i] for the active basis.
+        self.X = torch.zeros(0, P, dtype=dtype, device=dev)
         self.theta_lock = torch.zeros(0, dtype=_F64)
         self.res_lock = torch.zeros(0, dtype=_F64)
-        self.R = torch.zeros(P, 0, dtype=dt, device=dev)
+        self.R = torch.zeros(0, P, dtype=dtype, device=dev)
         self.bnorm2 = torch.zeros(0, dtype=_F64)
         self.G = torch.zeros(0, ncv + 1, dtype=_F64)
         self.scale = 0.0
         self.beta = 0.0
         self.j = 0
         self.n_matvecs = 0
-        self.clean = True  # the active basis is one unrestarted Krylov space of a random start
+        self.n_converged = 0
+        self.product = TimedProducts(
+            self._product,
+            "eigenpairs",
+            min(ncv, max_iter),
+            "lower k, loosen tol or use a cheaper curvature",
+        )
 
     # ------------------------------------------------------------------ basis building
-    def _random_orthogonal(self, ncols: int) -> torch.Tensor:
-        g = gaussian(
-            (self.op.num_params,), generator=self.gen, dtype=self.op.dtype, device=self.op.device
-        )
-        g, _ = cgs2(g, self.X, self.V[:, :ncols])
-        return g / g.norm()
+    def _product(self, v: torch.Tensor) -> torch.Tensor:
+        w = apply(self.op, v.to(self.op.dtype))
+        self.n_matvecs += 1
+        self.bar.update(1, n_matvecs=self.n_matvecs, n_converged=self.n_converged)
+        return w
 
-    def _set_column(self, i: int, v: torch.Tensor) -> None:
-        self.V[:, i] = v
-        if self.R.shape[1]:
-            self.G[:, i] = (self.R.T @ v).to(device="cpu", dtype=_F64)
+    def _random_orthogonal(self, row: int) -> None:
+        """V[row] = a random unit vector orthogonal to the locked X and to V[:row]."""
+        g = self.V[row]
+        g.copy_(gaussian(g.shape, generator=self.gen, dtype=self.dtype, device=g.device))
+        cgs2_(g, self.X, self.V[:row])
+        g /= g.norm()
+
+    def _update_couplings(self, row: int) -> None:
+        if self.R.shape[0]:
+            self.G[:, row] = torch.mv(self.R, self.V[row]).to(device="cpu", dtype=_F64)
 
     def _start_fresh(self) -> None:
         self.T.zero_()
-        self.j, self.beta, self.clean = 0, 0.0, True
-        self._set_column(0, self._random_orthogonal(0))
+        self.j, self.beta = 0, 0.0
+        self._random_orthogonal(0)
+        self._update_couplings(0)
 
     def _step(self) -> None:
-        """One Lanczos step: A v_j, full reorthogonalization, next basis vector."""
+        """One Lanczos step: A v_j, full reorthogonalization, next basis row."""
         j = self.j
-        w = apply(self.op, self.V[:, j])
-        self.n_matvecs += 1
+        w = self.V[j + 1]
+        w.copy_(self.product(self.V[j]))
         self.scale = max(self.scale, float(w.norm()))
-        w, (_, h) = cgs2(w, self.X, self.V[:, : j + 1])
+        _, h = cgs2_(w, self.X, self.V[: j + 1])
         h = h.to(device="cpu", dtype=_F64)
         self.T[: j + 1, j] = h
         self.T[j, : j + 1] = h
         beta = float(w.norm())
         if beta <= breakdown_threshold(self.op.dtype, self.scale):
             # Invariant subspace: continue from a random vector orthogonal to everything.
-            w, beta = self._random_orthogonal(j + 1), 0.0
-            self.clean = False
+            self._random_orthogonal(j + 1)
+            beta = 0.0
         else:
-            w = w / beta
-        self._set_column(j + 1, w)
+            w /= beta
+        self._update_couplings(j + 1)
         self.beta = beta
         self.j = j + 1
 
@@ -212,7 +332,7 @@ class _ThickRestartLanczos:
         theta, S = torch.linalg.eigh(self.T[:j, :j])
         S = S.contiguous()  # eigh returns column-major; matmuls with its slices are slow
         res2 = (self.beta * S[j - 1]) ** 2
-        if self.R.shape[1]:
+        if self.R.shape[0]:
             res2 = res2 + (self.bnorm2[:, None] * (self.G[:, :j] @ S) ** 2).sum(0)
         self.scale = max(self.scale, float(theta.abs().max()))
         return theta, S, res2.sqrt()
@@ -225,71 +345,64 @@ class _ThickRestartLanczos:
         bot = order[len(order) - self.n_bot :] if self.n_bot else order[:0]
         return top, bot
 
+    def _missed(self, theta: torch.Tensor) -> bool:
+        """Whether the deflated run shows a Ritz value beyond the locked wanted range by more
+        than the tolerance: proof (Courant–Fischer) of an eigenvalue the locked set lacks."""
+        margin = self.tol * self.scale
+        locked = torch.sort(self.theta_lock, descending=True).values
+        top = self.n_top and float(theta[-1]) > float(locked[self.n_top - 1]) + margin
+        bot = self.n_bot and float(theta[0]) < float(locked[len(locked) - self.n_bot]) - margin
+        return bool(top or bot)
+
     # ------------------------------------------------------------------ restarts
-    def _restart(self, theta, S, top_active: int, bot_active: int, phase: int) -> None:
+    def _restart(self, theta, S, top_active: int, bot_active: int) -> None:
         """Keep the wanted Ritz vectors plus half the spare room from the same ends."""
         m = self.m
-        need_top = max(top_active, 1 if (phase and self.n_top) else 0)
-        need_bot = max(bot_active, 1 if (phase and self.n_bot) else 0)
-        extra = (m - need_top - need_bot) // 2
+        extra = (m - top_active - bot_active) // 2
         if self.n_top and self.n_bot:
             e_top, e_bot = extra - extra // 2, extra // 2
         elif self.n_top:
             e_top, e_bot = extra, 0
         else:
             e_top, e_bot = 0, extra
-        n_up, n_down = need_top + e_top, need_bot + e_bot
+        n_up, n_down = top_active + e_top, bot_active + e_bot
         keep = torch.cat([torch.arange(n_down), torch.arange(m - n_up, m)])
-        Sk = S[:, keep].contiguous()
+        Sk = S[:, keep]
         l = len(keep)
-        self.V[:, :l] = self.V[:, :m] @ Sk.to(dtype=self.op.dtype, device=self.op.device)
-        self.V[:, l] = self.V[:, m]
-        if self.R.shape[1]:
+        _combine(Sk, self.V[:m], out=self.V[:l])
+        self.V[l] = self.V[m]
+        if self.R.shape[0]:
             self.G[:, :l] = self.G[:, :m] @ Sk
             self.G[:, l] = self.G[:, m]
         self.T.zero_()
         self.T[:l, :l] = torch.diag(theta[keep])
         self.j = l
-        self.clean = False
-
-    def _certified(self, theta, top_bound: float, bot_bound: float) -> bool:
-        """Whether the deflated spectrum lies strictly inside (bot_bound, top_bound) w.h.p."""
-        j = self.j
-        if not self.clean or j < 3:
-            return False
-        log_term = math.log(2 * _KW_CONSTANT * math.sqrt(self.op.num_params) / VERIFY_FAILURE_PROB)
-        eps = (log_term / (2 * j - 3)) ** 2
-        if eps >= 0.5:
-            return False
-        margin = eps * float(theta[-1] - theta[0]) / (1 - 2 * eps)
-        return (not self.n_top or float(theta[-1]) + margin < top_bound) and (
-            not self.n_bot or float(theta[0]) - margin > bot_bound
-        )
 
     def _lock(self, idx, theta, S, res) -> None:
         """Move active Ritz pairs idx to the locked set; remember their dropped coupling."""
         j = self.j
-        Sk = S[:, idx].contiguous()
-        Y = self.V[:, :j] @ Sk.to(dtype=self.op.dtype, device=self.op.device)
-        self.X = torch.cat([self.X, Y], dim=1)
+        Y = _combine(S[:, idx], self.V[:j])
+        self.X = torch.cat([self.X, Y])
         self.theta_lock = torch.cat([self.theta_lock, theta[idx]])
         self.res_lock = torch.cat([self.res_lock, res[idx]])
+        self.n_converged = self.X.shape[0]
         if self.beta > 0:
             b = self.beta * S[j - 1, idx]
-            self.R = torch.cat([self.R, self.V[:, j : j + 1].clone()], dim=1)
+            self.R = torch.cat([self.R, self.V[j : j + 1].clone()])
             self.bnorm2 = torch.cat([self.bnorm2, (b**2).sum().reshape(1)])
             self.G = torch.cat([self.G, torch.zeros(1, self.m + 1, dtype=_F64)])
 
     def _result(self, wanted, theta, S, res, converged: bool) -> Eigenpairs:
-        nl = self.X.shape[1]
+        nl = self.X.shape[0]
         locked = wanted[wanted < nl]
         active = wanted[wanted >= nl] - nl
         dt, dev = self.op.dtype, self.op.device
-        ritz = self.V[:, : self.j] @ S[:, active].contiguous().to(dtype=dt, device=dev)
-        vectors = torch.cat([self.X[:, locked], ritz], dim=1)
         values = torch.cat([self.theta_lock[locked], theta[active]])
         residuals = torch.cat([self.res_lock[locked], res[active]])
         order = torch.argsort(values, descending=True)
+        rows = torch.empty(len(values), self.op.num_params, dtype=dt, device=dev)
+        rows[: len(locked)] = self.X[locked.to(dev)]
+        _combine(S[:, active], self.V[: self.j], out=rows[len(locked) :])
         if not converged:
             worst = float(residuals.max() / max(self.scale, torch.finfo(dt).tiny))
             warnings.warn(
@@ -298,11 +411,11 @@ class _ThickRestartLanczos:
                     f"finishing its verification (worst relative residual {worst:.2e}, "
                     f"tol={self.tol:g}); raise max_iter or ncv"
                 ),
-                stacklevel=3,
+                stacklevel=4,
             )
         return Eigenpairs(
             values=values[order].to(dtype=dt, device=dev),
-            vectors=vectors[:, order],
+            vectors=rows[order.to(dev)].T,
             residuals=residuals[order].to(dtype=dt, device=dev),
             n_matvecs=self.n_matvecs,
             converged=converged,
@@ -311,42 +424,55 @@ class _ThickRestartLanczos:
     # ------------------------------------------------------------------ driver
     def run(self) -> Eigenpairs:
         k = self.n_top + self.n_bot
-        stride = max(1, self.m // 20)
-        phase = 0
+        stride = max(1, self.m // 32)
+        phase = 0  # 0: the first run; then one deflated run per locking
         self._start_fresh()
         while True:
             self._step()
             full = self.j == self.m
             exhausted = self.n_matvecs >= self.max_iter
-            nl = self.X.shape[1]
-            if nl + self.j < k or not (full or exhausted or self.j % stride == 0):
+            nl = self.X.shape[0]
+            if phase and self.j < self.verify_steps and not (full or exhausted):
+                continue
+            if nl + self.j < k or not (full or exhausted or self.j % stride == 0 or phase):
                 continue
             theta, S, res = self._ritz()
+            if phase and not self._missed(theta):
+                # No Ritz value of the deflated run beyond the locked range: accept those.
+                wanted = torch.cat(self._wanted(theta[:0]))
+                finished = self.j >= self.verify_steps
+                return self._result(wanted, theta, S, res, converged=finished)
             top, bot = self._wanted(theta)
             wanted = torch.cat([top, bot])
             active = wanted[wanted >= nl] - nl
             conv = res <= self.tol * self.scale
             done = bool(conv[active].all())
-            if phase:  # the deflated run's extreme Ritz values must be resolved too
-                values = torch.cat([self.theta_lock, theta])
-                top_bound = float(values[top].min()) if self.n_top else 0.0
-                bot_bound = float(values[bot].max()) if self.n_bot else 0.0
-                if not len(active) and self._certified(theta, top_bound, bot_bound):
-                    return self._result(wanted, theta, S, res, converged=True)
-                done &= (not self.n_top or bool(conv[-1])) and (not self.n_bot or bool(conv[0]))
-            if done and self.verify and (phase == 0 or len(active)):
+            if done and self.verify_steps:
                 if exhausted:
                     return self._result(wanted, theta, S, res, converged=False)
                 self._lock(active, theta, S, res)
                 phase += 1
                 self._start_fresh()
                 continue
+            self.n_converged = nl + int(conv[active].sum())
             if done or exhausted:
                 return self._result(wanted, theta, S, res, converged=done)
             if full:
-                self._restart(theta, S, int((top >= nl).sum()), int((bot >= nl).sum()), phase)
+                self._restart(theta, S, int((top >= nl).sum()), int((bot >= nl).sum()))
 
 
-def _new_basis(P: int, ncols: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """The Lanczos basis storage, [P, ncv + 1] (one allocation per run)."""
-    return torch.zeros(P, ncols, dtype=dtype, device=device)
+def _combine(S: torch.Tensor, V: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """S^T V for small float64 S [j, l] on the CPU and basis rows V [j, P], computed in column
+    blocks (bounded temporary; ``out`` may overlap V: each block is read before written)."""
+    S = S.T.contiguous().to(dtype=V.dtype, device=V.device)
+    if out is None:
+        out = torch.empty(S.shape[0], V.shape[1], dtype=V.dtype, device=V.device)
+    for start in range(0, V.shape[1], _COMBINE_CHUNK):
+        block = slice(start, start + _COMBINE_CHUNK)
+        out[:, block] = S @ V[:, block]
+    return out
+
+
+def _new_basis(nrows: int, P: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """The Lanczos basis storage, [ncv + 1, P] rows (one allocation per run)."""
+    return torch.zeros(nrows, P, dtype=dtype, device=device)
