@@ -83,9 +83,9 @@ def plot_spectral_density(
     ax : matplotlib Axes, sequence of Axes, or None, default None
         Where to draw, one Axes per panel. None draws on a new Figure of its own (rendered
         off-screen, so pyplot's state and the chosen backend stay untouched).
-    panels : {"linear", "log"}, a sequence of them, or None, default None
-        Which panels to draw, in order. None: ``("linear", "log")``, or only as many as the
-        Axes given (one Axes gets the linear panel).
+    panels : str, sequence of str, or None, default None
+        Which panels to draw, in order: "linear" and/or "log". None: both, or only as many
+        as the Axes given (one Axes gets the linear panel).
     path : str, PathLike or None, default None
         When given, the Figure is also saved there (format from the suffix, PNG without one;
         parent folders are created). Nothing is written without it.
