@@ -1,18 +1,27 @@
 """Backend registry: names resolve to adapter classes lazily.
 
 Availability is checked with ``importlib.util.find_spec``, so listing backends never
-imports a backend package (``import curvlab`` needs only torch, numpy and scipy).
+imports a backend package (``import curvlab`` needs only torch, numpy and scipy). A new
+backend is one adapter class plus one :func:`register` call with its :class:`BackendSpec`.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from curvlab.errors import BackendUnavailableError, InvalidInputError, UnsupportedCapabilityError
 from curvlab.estimator import CURVATURES
 from curvlab.results import BackendInfo
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from curvlab.estimator import CurvatureEstimator
 
 #: What each capability name means (the README table uses these columns).
 CAPABILITY_DOCS = {
@@ -32,19 +41,51 @@ CAPABILITY_DOCS = {
 
 @dataclass(frozen=True)
 class BackendSpec:
+    """What the registry knows about a backend before importing anything of it.
+
+    Attributes
+    ----------
+    name : str
+        The name users pass to :func:`estimator` (unique).
+    target : str
+        ``"module:Class"`` of the adapter (a ``CurvatureEstimator`` subclass), or ``""``
+        for an integration that is not an estimator (such as kfac-pytorch's).
+    requires : tuple of str
+        Import names that must be importable for the backend to be available.
+    extra : str or None
+        The pip extra of curvlab that installs them (None: nothing to install).
+    install_hint : str or None
+        The command or instructions shown when the backend is missing.
+    curvatures : frozenset of str
+        The curvatures it computes, a subset of ``curvlab.CURVATURES``.
+    capabilities : frozenset of str
+        What it can do beyond products, named as in ``CAPABILITY_DOCS``.
+    description : str
+        One line for ``curvlab backends`` and the README table.
+
+    Examples
+    --------
+    >>> from curvlab.registry import get_spec
+    >>> spec = get_spec("autograd")
+    >>> spec.target, spec.available()
+    ('curvlab.adapters.autograd:AutogradEstimator', True)
+    """
+
     name: str
-    target: str  # "module:Class" of the adapter, or "" for integration-only entries
-    requires: tuple[str, ...]  # import names that must be importable
-    extra: str | None  # pip extra that installs them
+    target: str
+    requires: tuple[str, ...]
+    extra: str | None
     install_hint: str | None
     curvatures: frozenset[str]
     capabilities: frozenset[str]
     description: str
 
     def available(self) -> bool:
+        """Whether every package in ``requires`` can be imported (nothing is imported)."""
         return all(importlib.util.find_spec(mod) is not None for mod in self.requires)
 
     def info(self) -> BackendInfo:
+        """The user-facing summary: availability, and the extra and hint when missing."""
         ok = self.available()
         return BackendInfo(
             name=self.name,
@@ -61,7 +102,16 @@ _REGISTRY: dict[str, BackendSpec] = {}
 
 
 def register(spec: BackendSpec) -> None:
-    """Declare a backend (adapters may be third-party; names must be unique)."""
+    """Declare a backend; a later spec of the same name replaces the earlier one.
+
+    Adapters may be third-party: the class named by ``spec.target`` is imported only when
+    the backend is first used.
+
+    Parameters
+    ----------
+    spec : BackendSpec
+        The backend's name, adapter target, requirements and capabilities.
+    """
     _REGISTRY[spec.name] = spec
 
 
@@ -145,11 +195,31 @@ register(
 
 
 def backends() -> dict[str, BackendInfo]:
-    """Every registered backend: availability, the extra to install, and capabilities."""
+    """Every registered backend: availability, the extra to install, and capabilities.
+
+    Returns
+    -------
+    dict of str to BackendInfo
+        Keyed by backend name, in registration order. Nothing is imported to compute it.
+
+    Examples
+    --------
+    >>> import curvlab
+    >>> info = curvlab.backends()["autograd"]
+    >>> info.available, sorted(info.curvatures)
+    (True, ['ef', 'fisher', 'ggn', 'hessian'])
+    """
     return {name: spec.info() for name, spec in _REGISTRY.items()}
 
 
 def get_spec(name: str) -> BackendSpec:
+    """The :class:`BackendSpec` registered as ``name``.
+
+    Raises
+    ------
+    InvalidInputError
+        No backend of that name; the message lists the registered ones.
+    """
     if not isinstance(name, str) or name not in _REGISTRY:
         raise InvalidInputError(
             f"unknown backend {name!r}; choose one of {', '.join(sorted(_REGISTRY))}"
@@ -157,8 +227,18 @@ def get_spec(name: str) -> BackendSpec:
     return _REGISTRY[name]
 
 
-def resolve(name: str):
-    """The adapter class behind ``name``, importing it (and its package) only now."""
+def resolve(name: str) -> type[CurvatureEstimator]:
+    """The adapter class behind ``name``, importing it (and its package) only now.
+
+    Raises
+    ------
+    InvalidInputError
+        An unknown name.
+    UnsupportedCapabilityError
+        The name is an integration, not an estimator backend.
+    BackendUnavailableError
+        A required package is missing; the message says how to install it.
+    """
     spec = get_spec(name)
     if not spec.target:
         raise UnsupportedCapabilityError(
@@ -174,8 +254,61 @@ def resolve(name: str):
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def estimator(backend, model, loss_fn, data, curvature="hessian", params=None, **options):
-    """Build the curvature estimator of ``backend`` (see :class:`CurvatureEstimator`)."""
+def estimator(
+    backend: str,
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    data: tuple[torch.Tensor, torch.Tensor] | Iterable[tuple[torch.Tensor, torch.Tensor]],
+    curvature: str = "hessian",
+    params: Iterable[torch.Tensor] | None = None,
+    **options: Any,
+) -> CurvatureEstimator:
+    """Build the curvature estimator of ``backend`` for ``model`` on ``data``.
+
+    Parameters
+    ----------
+    backend : str
+        A registered backend: "autograd", "backpack", "pyhessian", "kfac" (see
+        :func:`backends`).
+    model : torch.nn.Module
+        The model, as the user holds it (parameters, buffers, train/eval mode).
+    loss_fn : callable
+        ``loss_fn(model(x), y)`` returning a scalar with mean reduction.
+    data : (x, y) or iterable of (x, y)
+        One batch, or an iterable of batches such as a ``DataLoader``; every product is an
+        average over all their samples.
+    curvature : str, default "hessian"
+        "hessian", "ggn", "fisher" or "ef" (empirical Fisher); backends declare which they
+        support.
+    params : iterable of torch.Tensor or None, default None
+        The parameters to differentiate (default: those with ``requires_grad``).
+    **options
+        Backend-specific options, passed to the adapter class.
+
+    Returns
+    -------
+    CurvatureEstimator
+        An :class:`~curvlab.operators.Operator` with ``matvec``, ``eigenpairs``, ``trace``,
+        ``spectral_density``, ``noise_variance`` and the backend's capabilities.
+
+    Raises
+    ------
+    InvalidInputError
+        An unknown backend or curvature.
+    UnsupportedCapabilityError
+        The backend does not compute that curvature; the message names those that do.
+    BackendUnavailableError
+        The backend's package is missing; the message says how to install it.
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> model = torch.nn.Linear(3, 2)
+    >>> x, y = torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 2
+    >>> est = curvlab.estimator("autograd", model, torch.nn.CrossEntropyLoss(), (x, y))
+    >>> est.num_params
+    8
+    """
     spec = get_spec(backend)
     if curvature not in CURVATURES:
         raise InvalidInputError(
@@ -192,7 +325,7 @@ def estimator(backend, model, loss_fn, data, curvature="hessian", params=None, *
 
 
 def capability_table() -> str:
-    """The README's backends x capabilities table, generated from the declarations."""
+    """The README's backends x capabilities table (Markdown), generated from the specs."""
     caps = sorted({c for spec in _REGISTRY.values() for c in spec.capabilities})
     header = ["backend", "extra", *CURVATURES, *caps]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
