@@ -229,8 +229,9 @@ def test_conversions_round_trip():
 
 def test_sklearn_clone_and_params():
     lw = LedoitWolf(assume_centered=True, n_probes=12, seed=3)
-    assert lw.get_params() == {"assume_centered": True, "exact": None, "n_probes": 12,
-                               "seed": 3, "store_precision": True}
+    assert lw.get_params() == {"assume_centered": True, "block_size": 1000, "exact": None,
+                               "n_probes": 12, "probe_batch": 1, "seed": 3,
+                               "store_precision": True}
     twin = clone(lw)
     assert twin is not lw and twin.get_params() == lw.get_params()
     lw.fit(_samples(10, 4))

@@ -1,11 +1,19 @@
-"""Shrinkage of noisy curvature estimates, scikit-learn style (DESIGN.md section 4).
+"""Shrinkage of noisy covariance and curvature estimates, scikit-learn style (DESIGN.md 4).
 
-Linear rules toward a scaled identity (``LedoitWolf``, ``OAS``, the paper's ``RMTLinear``,
-``FixedShrinkage``), nonlinear eigenvalue cleaning (``EigenvalueClipping``,
-``RotationInvariant``, ``LedoitWolf2020``), damping <-> shrinkage conversions, and
+Linear rules toward a scaled identity (``LedoitWolf``, ``OAS``, ``ShrunkCovariance``, the
+paper's ``RMTLinear``, ``FixedShrinkage``), nonlinear eigenvalue cleaning
+(``EigenvalueClipping``, ``RotationInvariant``, ``LedoitWolf2020``), scikit-learn's
+covariance functions (``empirical_covariance``, ``shrunk_covariance``, ``ledoit_wolf``,
+``ledoit_wolf_shrinkage``, ``oas``), damping <-> shrinkage conversions, and
 ``compare``/``heldout_score`` to choose between them.
+
+Every estimator has scikit-learn's covariance API (``fit``, ``score``, ``mahalanobis``,
+``error_norm``, ``get_precision``, ``covariance_``, ``precision_``, ``location_``) and is,
+once fitted, a :class:`curvlab.operators.Operator` (``matvec``, ``solve``, ``eigenpairs``).
+scikit-learn itself is optional: it is imported only when it asks for the tags.
 """
 
+from curvlab.shrinkage._validation import InputTypeError, NotFittedError
 from curvlab.shrinkage.base import BaseShrinkage, LinearShrinkage
 from curvlab.shrinkage.compare import compare, heldout_score
 from curvlab.shrinkage.conversions import (
@@ -13,8 +21,21 @@ from curvlab.shrinkage.conversions import (
     learning_rate_scale,
     shrinkage_to_damping,
 )
+from curvlab.shrinkage.functions import (
+    empirical_covariance,
+    ledoit_wolf,
+    ledoit_wolf_shrinkage,
+    oas,
+    shrunk_covariance,
+)
 from curvlab.shrinkage.ledoit_wolf_2020 import LedoitWolf2020, analytical_shrinkage
-from curvlab.shrinkage.linear import OAS, FixedShrinkage, LedoitWolf, RMTLinear
+from curvlab.shrinkage.linear import (
+    OAS,
+    FixedShrinkage,
+    LedoitWolf,
+    RMTLinear,
+    ShrunkCovariance,
+)
 from curvlab.shrinkage.nonlinear import (
     EigenvalueClipping,
     RotationInvariant,
@@ -28,19 +49,27 @@ __all__ = [
     "BaseShrinkage",
     "EigenvalueClipping",
     "FixedShrinkage",
+    "InputTypeError",
     "LedoitWolf",
     "LedoitWolf2020",
     "LinearShrinkage",
+    "NotFittedError",
     "PerSampleMatrices",
     "RMTLinear",
     "RotationInvariant",
+    "ShrunkCovariance",
     "SpikedModel",
     "analytical_shrinkage",
     "compare",
     "damping_to_shrinkage",
     "eigenvector_oracle",
+    "empirical_covariance",
     "heldout_score",
     "learning_rate_scale",
+    "ledoit_wolf",
+    "ledoit_wolf_shrinkage",
     "noise_of_mean",
+    "oas",
     "shrinkage_to_damping",
+    "shrunk_covariance",
 ]

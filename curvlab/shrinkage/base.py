@@ -1,18 +1,26 @@
-"""Base classes: scikit-learn parameter conventions and the fitted linear-shrinkage operator.
+"""Base classes: scikit-learn's estimator and covariance API on curvlab operators.
 
-``BaseShrinkage`` implements ``get_params``/``set_params`` with scikit-learn's semantics
-(keyword-only ``__init__`` parameters stored verbatim), so ``sklearn.base.clone`` works
-without scikit-learn being a dependency. ``LinearShrinkage`` fits
+``BaseShrinkage`` gives every estimator scikit-learn's conventions without importing
+scikit-learn (it is imported lazily, only when scikit-learn itself asks for the tags):
+keyword-only ``__init__`` parameters stored verbatim, ``get_params``/``set_params`` (so
+``sklearn.base.clone``, pipelines and grid searches work), ``__sklearn_tags__`` and
+``__sklearn_is_fitted__``. A fitted estimator is a :class:`curvlab.operators.Operator`
+(``num_params``, ``dtype``, ``device``, ``matvec``, ``solve``), so the spectral methods,
+``to_scipy`` and the operator algebra apply to the shrunk matrix itself::
+
+    fit = LedoitWolf().fit(X)
+    curvlab.spectral.eigenpairs(fit, k=3)      # or fit.eigenpairs(k=3)
+
+``CovarianceMixin`` adds ``sklearn.covariance.EmpiricalCovariance``'s methods: ``score``
+(the Gaussian log-likelihood, so ``cross_val_score`` works), ``mahalanobis``,
+``error_norm`` and ``get_precision``. ``LinearShrinkage`` fits
 
     (1 - rho) S + rho tau I = (1 - rho) (S + delta I),   delta = tau rho / (1 - rho)
 
 (DESIGN.md section 4) from explicit vector samples [n, p], explicit per-sample matrices
 [n, p, p], or a curvature estimator (anything with ``group_matvecs``/``num_samples``/
-``num_params``). Explicit inputs give ``covariance_`` and ``precision_`` (numpy in, numpy
-out); every fit gives ``matvec`` and ``solve`` of the shrunk matrix, matrix-free for
-operators: ``solve`` uses the Woodbury identity when the fit kept per-sample gradients and
-conjugate gradients on (1 - rho)(S + delta I) otherwise (S must then be positive
-semi-definite, as a GGN, Fisher or empirical Fisher is).
+``num_params``); see ``_represent`` for how the fitted matrix is stored (the n x n Gram
+matrix when n < p: no p x p factorisation).
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ import numpy as np
 import torch
 
 from curvlab._random import Seed
-from curvlab.errors import InvalidInputError, NotConvergedWarning, NumericalError
+from curvlab.errors import InvalidInputError, UnsupportedCapabilityError
+from curvlab.operators import Operator
+from curvlab.operators import is_operator as _is_operator_protocol
+from curvlab.shrinkage._represent import Dense, LowRankPlusIdentity, ShiftedOperator
 from curvlab.shrinkage._traces import (
     TraceStats,
     factor_stats,
@@ -33,10 +44,24 @@ from curvlab.shrinkage._traces import (
     probe_stats,
     vector_stats,
 )
+from curvlab.shrinkage._validation import (
+    NotFittedError,
+    as_samples,
+    check_n_features,
+    warn_one_sample,
+)
+
+F64 = torch.float64
 
 
-class BaseShrinkage:
-    """Parameter handling shared by every shrinkage estimator (scikit-learn semantics)."""
+class BaseShrinkage(Operator):
+    """Parameter handling (scikit-learn semantics) and the operator of a fitted estimator.
+
+    Subclasses set, at fit: ``n_features_in_``, ``_rep`` (a ``_represent`` object),
+    ``_dtype``, ``_device`` and ``_numpy`` (numpy in, numpy out).
+    """
+
+    _rep: Any = None
 
     @classmethod
     def _param_names(cls) -> list[str]:
@@ -86,9 +111,95 @@ class BaseShrinkage:
         ]
         return f"{type(self).__name__}({', '.join(shown)})"
 
+    def __sklearn_tags__(self):
+        """scikit-learn's tags (an unsupervised estimator of dense 2-D float data)."""
+        from sklearn.utils import Tags, TargetTags
+
+        return Tags(estimator_type=None, target_tags=TargetTags(required=False))
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return "n_features_in_" in vars(self)
+
     def _check_fitted(self) -> None:
-        if not hasattr(self, "shrinkage_") and not hasattr(self, "eigenvalues_"):
-            raise InvalidInputError(f"this {type(self).__name__} is not fitted; call fit first")
+        if not self.__sklearn_is_fitted__():
+            raise NotFittedError(
+                f"This {type(self).__name__} instance is not fitted yet (not fitted): call "
+                "'fit' with appropriate arguments before using this estimator."
+            )
+
+    def _reset(self) -> None:
+        """Forget a previous fit (fitted attributes end with an underscore)."""
+        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
+            delattr(self, name)
+        self._rep = None
+
+    def _set_space(self, p: int, dtype: torch.dtype, device: Any, numpy_out: bool) -> None:
+        self.n_features_in_ = int(p)
+        self._dtype, self._device, self._numpy = dtype, torch.device(device), numpy_out
+
+    def _out(self, t: torch.Tensor):
+        """A fitted tensor as the user gave the input: numpy float64, or the input's dtype."""
+        return t.detach().cpu().numpy() if self._numpy else t.to(self._dtype)
+
+    # ------------------------------------------------------------------ operator
+    @property
+    def num_params(self) -> int:  # type: ignore[override]
+        """P, the dimension of the fitted matrix."""
+        self._check_fitted()
+        return self.n_features_in_
+
+    @property
+    def dtype(self) -> torch.dtype:  # type: ignore[override]
+        """The dtype of the vectors ``matvec`` takes (float64 for numpy input)."""
+        self._check_fitted()
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        self._check_fitted()
+        return self._device
+
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        return self._rep.matvec(V)
+
+    def _as_vector(self, v: Any) -> tuple[torch.Tensor, bool]:
+        self._check_fitted()
+        if isinstance(v, torch.Tensor):
+            return self.check_vector(v), False
+        arr = np.asarray(v, dtype=np.float64)
+        return self.check_vector(torch.as_tensor(arr, device=self._device).to(self._dtype)), True
+
+    def matvec(self, v: Any) -> Any:
+        """The fitted matrix times ``v``.
+
+        Parameters
+        ----------
+        v : torch.Tensor or array-like
+            [P] or [P, k]; a tensor must have the fit's ``dtype`` and ``device``, numpy
+            input gives numpy output.
+
+        Returns
+        -------
+        torch.Tensor or numpy.ndarray
+            The product, shaped like ``v``.
+        """
+        V, numpy_out = self._as_vector(v)
+        out = super().matvec(V)
+        return out.cpu().numpy() if numpy_out else out
+
+    def solve(self, v: Any, **options: Any) -> Any:
+        """The fitted matrix's (pseudo-)inverse times ``v`` ([P] or [P, k]; as ``matvec``).
+
+        The factorisation is formed once (at fit, or at the first solve) and reused: the
+        Woodbury identity through the n x n Gram matrix when the fit has n < p samples or
+        per-sample factors, the eigendecomposition otherwise, conjugate gradients for
+        matrix-free fits (``options``: ``tol``, ``max_iter``).
+        """
+        V, numpy_out = self._as_vector(v)
+        block = V if V.ndim == 2 else V[:, None]
+        out = self._rep.solve(block, **options)
+        out = out if V.ndim == 2 else out[:, 0]
+        return out.cpu().numpy() if numpy_out else out
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -98,6 +209,79 @@ def _same(a: Any, b: Any) -> bool:
         return a is b
 
 
+class CovarianceMixin:
+    """``EmpiricalCovariance``'s methods for a fitted covariance (``_rep``, ``location_``)."""
+
+    def _centred(self, X: Any) -> tuple[torch.Tensor, bool]:
+        self._check_fitted()
+        T, numpy_out = as_samples(X, estimator=self)
+        check_n_features(self, T)
+        location = getattr(self, "location_", None)
+        Y = T.to(F64).to(self._device)
+        if location is not None:
+            Y = Y - torch.as_tensor(location, device=self._device).to(F64)
+        return Y, numpy_out
+
+    def score(self, X_test: Any, y: Any = None) -> float:
+        """Mean log-likelihood of ``X_test`` under N(location_, covariance_).
+
+        Parameters
+        ----------
+        X_test : array-like or torch.Tensor, [m, p]
+            Test samples (fits without a location, such as per-sample matrices or
+            estimators, score under a zero mean).
+        y : ignored
+
+        Returns
+        -------
+        float
+            -(tr(S_test Sigma^+) + log det Sigma + p log(2 pi)) / 2, with S_test the
+            test samples' second moment about ``location_`` (scikit-learn's
+            ``EmpiricalCovariance.score``); -inf when Sigma is singular, as there.
+        """
+        Y, _ = self._centred(X_test)
+        logdet = self._rep.logdet()
+        if logdet == -math.inf:
+            return -math.inf
+        quad = float(self._rep.quad(Y).mean())
+        return -0.5 * (quad + logdet + Y.shape[1] * math.log(2 * math.pi))
+
+    def mahalanobis(self, X: Any) -> Any:
+        """Squared Mahalanobis distances (x - location_)^T Sigma^+ (x - location_) per row."""
+        Y, numpy_out = self._centred(X)
+        out = self._rep.quad(Y)
+        return out.cpu().numpy() if numpy_out else out.to(self._dtype)
+
+    def get_precision(self) -> Any:
+        """The precision matrix Sigma^+ ([p, p]): ``precision_`` if stored, else formed
+        from the cached factorisation."""
+        self._check_fitted()
+        stored = getattr(self, "precision_", None)
+        return stored if stored is not None else self._out(self._rep.dense_inverse())
+
+    def error_norm(self, comp_cov: Any, norm: str = "frobenius", scaling: bool = True,
+                   squared: bool = True) -> float:
+        """The squared (``squared``) Frobenius or spectral norm of comp_cov - covariance_,
+        divided by p when ``scaling`` (scikit-learn's ``error_norm``)."""
+        self._check_fitted()
+        if not hasattr(self, "covariance_"):
+            raise UnsupportedCapabilityError(
+                "this fit has no dense covariance_ (a matrix-free fit); compare products "
+                "instead (curvlab.shrinkage.heldout_score)"
+            )
+        error = (torch.as_tensor(np.asarray(comp_cov, dtype=np.float64))
+                 - torch.as_tensor(self.covariance_).cpu().to(F64))
+        if norm == "frobenius":
+            value = float((error**2).sum())
+        elif norm == "spectral":
+            value = float(torch.linalg.svdvals(error.T @ error).max())
+        else:
+            raise UnsupportedCapabilityError("Only spectral and frobenius norms are implemented")
+        if scaling:
+            value /= error.shape[0]
+        return value if squared else math.sqrt(value)
+
+
 # ---------------------------------------------------------------------- inputs
 def is_sample_operator(X: Any) -> bool:
     """A curvature estimator or anything exposing per-sample products."""
@@ -105,28 +289,8 @@ def is_sample_operator(X: Any) -> bool:
 
 
 def is_operator(X: Any) -> bool:
-    return all(hasattr(X, a) for a in ("matvec", "num_params", "dtype", "device"))
-
-
-def as_tensor(X: Any) -> tuple[torch.Tensor, bool]:
-    """An array-like as a floating tensor (numpy and lists -> float64); flags numpy input."""
-    if isinstance(X, torch.Tensor):
-        if not X.is_floating_point():
-            X = X.to(torch.float64)
-        return X.detach(), False
-    try:
-        arr = np.asarray(X, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise InvalidInputError(
-            f"cannot read {type(X).__name__} as samples: pass an [n, p] or [n, p, p] "
-            "array or tensor, or a curvature estimator"
-        ) from exc
-    return torch.from_numpy(arr), True
-
-
-def check_finite(X: torch.Tensor) -> None:
-    if not torch.isfinite(X).all():
-        raise InvalidInputError("the samples contain NaN or infinite values")
+    """An operator to fit matrix-free (not an array or tensor of samples)."""
+    return not isinstance(X, (torch.Tensor, np.ndarray)) and _is_operator_protocol(X)
 
 
 def implied_damping(rho: float, tau: float) -> float:
@@ -134,59 +298,107 @@ def implied_damping(rho: float, tau: float) -> float:
     return math.inf if rho >= 1.0 else tau * rho / (1.0 - rho)
 
 
+def check_count(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
 # ---------------------------------------------------------------------- linear shrinkage
-class LinearShrinkage(BaseShrinkage):
+class LinearShrinkage(CovarianceMixin, BaseShrinkage):
     """Fit (1 - rho) S + rho tau I; subclasses provide ``_rule(stats) -> (rho, tau, noise)``.
 
     Fitted attributes: ``shrinkage_`` (rho), ``shrinkage_stderr_`` (jackknife over probes;
     0 when exact), ``target_scale_`` (tau), ``damping_`` (delta), ``noise_variance_``,
-    ``n_samples_``, ``n_features_in_``, ``n_matvecs_``; ``covariance_``, ``precision_`` and
-    ``location_`` (vector samples) for explicit inputs.
+    ``n_samples_``, ``n_features_in_``, ``n_matvecs_``; for explicit inputs
+    ``covariance_`` and ``precision_`` (None unless ``store_precision``), and
+    ``location_`` for vector samples.
     """
 
     assume_centered: bool = False
     store_precision: bool = True
     n_probes: int = 30
+    probe_batch: int = 1
     seed: Seed = 0
     exact: bool | None = None
     _needs_stats = True
+    _min_samples = 1
 
     def _rule(self, stats: TraceStats | None) -> tuple[float, float, float | None]:
         raise NotImplementedError
 
+    def _block_columns(self) -> int | None:
+        return None
+
     # ------------------------------------------------------------------ fit
     def fit(self, X: Any, y: Any = None) -> LinearShrinkage:
-        """Fit from samples [n, p], per-sample matrices [n, p, p] or a curvature estimator."""
-        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
-            delattr(self, name)
-        self._op = self._factors = self._factor_samples = None
-        self._numpy = False
+        """Fit from samples [n, p], per-sample matrices [n, p, p] or a curvature estimator.
+
+        Parameters
+        ----------
+        X : array-like, torch.Tensor or operator
+            Vector samples [n, p] (numpy in, numpy out; a tensor keeps its dtype and
+            device), symmetric per-sample matrices [n, p, p], or a curvature estimator.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._reset()
         if is_operator(X):
-            stats = self._operator_stats(X) if self._needs_stats else None
-            self._op = X
-            self._finish(stats, int(X.num_params), getattr(X, "num_samples", None))
-            return self
-        T, self._numpy = as_tensor(X)
-        check_finite(T)
-        if T.ndim == 2:
-            if T.shape[0] < 1 or T.shape[1] < 1:
-                raise InvalidInputError(f"need samples and features, got {tuple(T.shape)}")
-            location = torch.zeros_like(T[0]) if self.assume_centered else T.mean(dim=0)
-            Xc = T - location
-            S = Xc.T @ Xc / T.shape[0]
-            stats = vector_stats(Xc, S)
-            self.location_ = self._out(location)
-        elif T.ndim == 3 and T.shape[1] == T.shape[2]:
-            stats, S = matrix_stats(T)
-        else:
+            return self._fit_operator(X)
+        T, numpy_out = as_samples(X, estimator=self, allow_nd=True,
+                                  ensure_min_samples=self._min_samples)
+        n = T.shape[0]
+        if T.ndim == 3 and T.shape[1] != T.shape[2]:
             raise InvalidInputError(
                 f"expected vector samples [n, p] or per-sample matrices [n, p, p], got shape "
                 f"{tuple(T.shape)}"
             )
-        self._finish(stats, S.shape[0], T.shape[0], S=S)
+        p = T.shape[-1]
+        self._set_space(p, T.dtype, T.device, numpy_out)
+        if T.ndim == 2:
+            warn_one_sample(n)
+            X64 = T.to(F64)
+            location = torch.zeros_like(X64[0]) if self.assume_centered else X64.mean(dim=0)
+            Xc = X64 if self.assume_centered else X64 - location
+            stats, moments = vector_stats(Xc, self._block_columns())
+            self.location_ = self._out(location)
+            rho, tau = self._finish(stats, n)
+            if moments.gram is not None:  # n <= p: the n x n Gram route
+                self._rep = LowRankPlusIdentity(Xc, moments.raw_gram(), (1 - rho) / n, rho * tau)
+                cov = self._rep.dense()
+            else:
+                cov = (1 - rho) * moments.raw_cov()
+                cov.diagonal().add_(rho * tau)
+                self._rep = Dense(cov)
+        else:
+            stats, S = matrix_stats(T)
+            rho, tau = self._finish(stats, n)
+            cov = (1 - rho) * S
+            cov.diagonal().add_(rho * tau)
+            self._rep = Dense(cov)
+        self.covariance_ = self._out(cov)
+        self.precision_ = self._out(self._rep.dense_inverse()) if self.store_precision else None
         return self
 
-    def _operator_stats(self, op: Any) -> TraceStats:
+    def _fit_operator(self, op: Any) -> LinearShrinkage:
+        factors = stats = None
+        if self._needs_stats:
+            factors, stats = self._operator_stats(op)
+        self._set_space(int(op.num_params), op.dtype, op.device, False)
+        rho, tau = self._finish(stats, getattr(op, "num_samples", None))
+        if factors is not None:
+            F, K = factors
+            n = stats.n
+            self._rep = LowRankPlusIdentity(F, K, (1 - rho) / n, rho * tau)
+        else:
+            self._rep = ShiftedOperator(op, rho, tau)
+        return self
+
+    def _operator_stats(self, op: Any):
+        """((stacked factors [n m, p], their float64 Gram) or None, statistics)."""
         factors = None if self.exact is False else exact_factors(op)
         if self.exact and factors is None:
             raise InvalidInputError(
@@ -195,91 +407,33 @@ class LinearShrinkage(BaseShrinkage):
                 "'fisher' on 'backpack'); use exact=None for probes"
             )
         if factors is not None:
-            n = factors.shape[0]
-            self._factors, self._factor_samples = factors.reshape(-1, factors.shape[-1]), n
-            return factor_stats(factors)
+            stats, K = factor_stats(factors)
+            return (factors.reshape(-1, factors.shape[-1]), K), stats
         if not is_sample_operator(op):
             raise InvalidInputError(
                 f"{type(self).__name__} needs per-sample products: pass a curvature estimator "
                 "with group_matvecs (e.g. the 'autograd' backend) or explicit samples"
             )
-        return probe_stats(op, self.n_probes, self.seed)
+        return None, probe_stats(op, check_count("n_probes", self.n_probes, 2), self.seed,
+                                 probe_batch=check_count("probe_batch", self.probe_batch, 1))
 
-    def _finish(self, stats: TraceStats | None, p: int, n: int | None, S=None) -> None:
+    def _finish(self, stats: TraceStats | None, n: int | None) -> tuple[float, float]:
         rho, tau, noise = self._rule(stats)
         self.shrinkage_ = float(rho)
         self.target_scale_ = float(tau)
         self.damping_ = implied_damping(self.shrinkage_, self.target_scale_)
         self.noise_variance_ = None if noise is None else float(noise)
         self.shrinkage_stderr_ = self._jackknife(stats)
-        self.n_features_in_ = p
         self.n_samples_ = n
         self.n_matvecs_ = 0 if stats is None else stats.n_matvecs
-        if S is not None:
-            cov = (1.0 - rho) * S
-            cov.diagonal().add_(rho * tau)
-            self._cov = cov
-            self.covariance_ = self._out(cov)
-            if self.store_precision:
-                self.precision_ = self._out(torch.linalg.pinv(cov, hermitian=True))
+        return self.shrinkage_, self.target_scale_
 
     def _jackknife(self, stats: TraceStats | None) -> float:
         if stats is None or stats.exact or stats.n_probes < 2:
             return 0.0
         m = stats.n_probes
-        loo = torch.tensor([self._rule(stats.drop(j))[0] for j in range(m)], dtype=torch.float64)
+        loo = torch.tensor([self._rule(stats.drop(j))[0] for j in range(m)], dtype=F64)
         return float(((m - 1) / m * ((loo - loo.mean()) ** 2).sum()).sqrt())
-
-    def _out(self, t: torch.Tensor):
-        return t.cpu().numpy() if self._numpy else t
-
-    # ------------------------------------------------------------------ the shrunk matrix
-    def _S_matvec(self, V: torch.Tensor) -> torch.Tensor:
-        if self._factors is not None:
-            G = self._factors
-            return G.T @ (G @ V) / self._factor_samples
-        return self._op.matvec(V)
-
-    def matvec(self, v):
-        """((1 - rho) S + rho tau I) v for v [p] or [p, k]."""
-        self._check_fitted()
-        V, numpy = as_tensor(v)
-        if self._op is None:
-            out = self._cov.to(V.dtype) @ V
-        else:
-            rho = self.shrinkage_
-            out = rho * self.target_scale_ * V
-            if rho < 1.0:
-                out = out + (1.0 - rho) * self._S_matvec(V)
-        return out.cpu().numpy() if numpy else out
-
-    def solve(self, v, *, tol: float = 1e-10, max_iter: int | None = None):
-        """((1 - rho) S + rho tau I)^-1 v (pseudo-inverse for explicit inputs; see module doc)."""
-        self._check_fitted()
-        V, numpy = as_tensor(v)
-        rho, tau = self.shrinkage_, self.target_scale_
-        if self._op is None:
-            out = torch.linalg.pinv(self._cov, hermitian=True).to(V.dtype) @ V
-        elif rho >= 1.0:
-            out = V / tau
-        elif self._factors is not None:
-            out = self._woodbury(V) / (1.0 - rho)
-        else:
-            out = conjugate_gradient(self.matvec, V, tol=tol, max_iter=max_iter)
-        return out.cpu().numpy() if numpy else out
-
-    def _woodbury(self, V: torch.Tensor) -> torch.Tensor:
-        """(G^T G / n + delta I)^-1 V = (V - G^T (n delta I + G G^T)^-1 G V) / delta, with G
-        the [n m, p] stack of the n samples' factors."""
-        G, delta = self._factors, self.damping_
-        if not delta > 0:
-            raise NumericalError(
-                f"the shrunk matrix is singular or indefinite (damping {delta}); "
-                "use a FixedShrinkage with a positive damping"
-            )
-        K = G @ G.T
-        K.diagonal().add_(self._factor_samples * delta)
-        return (V - G.T @ torch.linalg.solve(K, G @ V)) / delta
 
 
 def exact_factors(op: Any) -> torch.Tensor | None:
@@ -293,43 +447,3 @@ def exact_factors(op: Any) -> torch.Tensor | None:
     if curvature in ("ggn", "fisher") and hasattr(op, "per_sample_sqrt_ggn"):
         return op.per_sample_sqrt_ggn().detach()
     return None
-
-
-def conjugate_gradient(matvec, B: torch.Tensor, *, tol: float = 1e-10,
-                       max_iter: int | None = None) -> torch.Tensor:
-    """Solve A X = B column by column (vectorised) for a symmetric positive definite A."""
-    import warnings
-
-    block = B if B.ndim == 2 else B[:, None]
-    max_iter = max_iter or 10 * block.shape[0]
-    X = torch.zeros_like(block)
-    R = block.clone()
-    D = R.clone()
-    rs = (R * R).sum(dim=0)
-    target = tol**2 * rs
-    active = rs > target
-    for _ in range(max_iter):
-        if not active.any():
-            break
-        AD = matvec(D)
-        curv = (D * AD).sum(dim=0)
-        if (curv[active] <= 0).any():
-            raise NumericalError(
-                "the shrunk matrix is not positive definite (conjugate gradients met "
-                "non-positive curvature); shrink more or use a positive semi-definite curvature"
-            )
-        alpha = torch.where(active, rs / torch.where(active, curv, 1.0), 0.0)
-        X = X + alpha * D
-        R = R - alpha * AD
-        rs_new = (R * R).sum(dim=0)
-        beta = torch.where(active, rs_new / torch.where(active, rs, 1.0), 0.0)
-        D = R + beta * D
-        rs = rs_new
-        active = rs > target
-    if active.any():
-        warnings.warn(
-            f"conjugate gradients stopped after {max_iter} iterations above tol={tol}",
-            NotConvergedWarning,
-            stacklevel=3,
-        )
-    return X if B.ndim == 2 else X[:, 0]

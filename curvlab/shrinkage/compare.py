@@ -29,9 +29,9 @@ import torch
 
 from curvlab._random import Seed, make_generator, rademacher
 from curvlab.errors import BackendUnavailableError, InvalidInputError
-from curvlab.noise import rebuild_estimator
 from curvlab.results import Estimate
-from curvlab.shrinkage.base import LinearShrinkage, as_tensor, is_operator
+from curvlab.shrinkage._validation import as_samples
+from curvlab.shrinkage.base import LinearShrinkage, is_operator
 from curvlab.shrinkage.synthetic import SpikedModel
 
 
@@ -66,15 +66,12 @@ def _truth_and_sampler(truth: Any, sampler: Callable | None):
 
 
 def _subset_sampler(est: Any) -> Callable:
-    x = torch.cat([b[0] for b in est.batches])
-    y = torch.cat([b[1] for b in est.batches])
+    total = int(est.num_samples)
 
     def sample(batch_size: int, seed: Seed):
-        if not 1 <= batch_size <= x.shape[0]:
-            raise InvalidInputError(f"batch_size must lie in [1, {x.shape[0]}], got {batch_size}")
-        idx = torch.randperm(x.shape[0], generator=make_generator(seed))[:batch_size]
-        idx = idx.to(x.device)
-        return rebuild_estimator(est, (x[idx], y[idx]))  # keeps the backend's options
+        if not 1 <= batch_size <= total:
+            raise InvalidInputError(f"batch_size must lie in [1, {total}], got {batch_size}")
+        return est.subset(torch.randperm(total, generator=make_generator(seed))[:batch_size])
 
     return sample
 
@@ -84,7 +81,7 @@ def _raw(batch: Any) -> tuple[Any, torch.Tensor]:
     if is_operator(batch):
         dense = batch.to_dense()
         return _CachedBatch(batch, dense), dense
-    T, _ = as_tensor(batch)
+    T, _ = as_samples(batch, allow_nd=True)
     return batch, T.mean(dim=0) if T.ndim == 3 else T
 
 

@@ -6,13 +6,19 @@ With the statistics of n observations M_k (mean S, dimension p; see ``_traces``)
   mu = tr S / p, d2 = ||S - mu I||^2 / p, b2 = sum_k ||M_k - S||^2 / (n^2 p),
   rho = min(b2, d2) / d2.
 - OAS (Chen et al. 2010, eq. 23 as scikit-learn implements it): target mu I,
-  rho = min(1, (tr S^2 + (tr S)^2) / ((n + 1) (tr S^2 - (tr S)^2 / p))).
+  rho = min(1, (tr S^2 + (tr S)^2) / ((n + 1) ||S - mu I||^2)).
+- ShrunkCovariance: a given rho toward mu I (scikit-learn's ``ShrunkCovariance``).
 - RMTLinear (the paper, eq. 15): target I, delta = P^-1 Tr X^2 the noise variance of the
   estimate, rho = delta / (1 + delta).
 - FixedShrinkage: a given rho or delta toward tau I.
 
-For vector samples LedoitWolf and OAS equal ``sklearn.covariance.LedoitWolf``/``OAS``
-(p = 1 gives shrinkage 0 as there: every shrinkage gives the same 1 x 1 matrix).
+For vector samples LedoitWolf, OAS and ShrunkCovariance equal scikit-learn's estimators of
+the same names (p = 1 gives shrinkage 0 as there: every shrinkage gives the same 1 x 1
+matrix; one sample warns and gives the zero matrix).
+
+Every rule also fits a curvature estimator (products only; ``exact``, ``n_probes``,
+``probe_batch``, ``seed`` choose between the exact Gram route of per-sample factors and
+shared probes, whose memory ``_traces`` documents).
 """
 
 from __future__ import annotations
@@ -23,13 +29,8 @@ from curvlab._random import Seed
 from curvlab.errors import InvalidInputError
 from curvlab.estimator import CurvatureEstimator
 from curvlab.shrinkage._traces import TraceStats
-from curvlab.shrinkage.base import LinearShrinkage
+from curvlab.shrinkage.base import LinearShrinkage, check_count
 from curvlab.shrinkage.conversions import damping_to_shrinkage, shrinkage_to_damping
-
-
-def _spectral_variance(st: TraceStats) -> float:
-    """||S - mu I||_F^2 = tr S^2 - (tr S)^2 / p."""
-    return st.mean("trace_sq") - st.mean("trace_squared") / st.p
 
 
 class LedoitWolf(LinearShrinkage):
@@ -37,24 +38,62 @@ class LedoitWolf(LinearShrinkage):
 
     Parameters
     ----------
-    assume_centered : vector samples are not centred (the mean is taken as zero).
-    store_precision : also store ``precision_`` (explicit inputs).
-    exact : for estimators: None uses the n x n Gram matrix of per-sample gradients when
-        they exist (curvature "ef") and shared probes otherwise; True requires the Gram
-        route; False forces probes.
-    n_probes, seed : shared unit probes of the matrix-free route.
+    store_precision : bool, default True
+        Store ``precision_`` (explicit inputs; ``get_precision`` forms it otherwise).
+    assume_centered : bool, default False
+        Vector samples are not centred (the mean is taken as zero).
+    block_size : int, default 1000
+        Columns per float64 block of the Gram reduction (memory only, as in
+        scikit-learn; the result does not depend on it).
+    exact : bool or None, default None
+        For estimators: None uses the n x n Gram matrix of per-sample factors when they
+        exist (curvature "ef", GGN square roots) and shared probes otherwise; True requires
+        the Gram route; False forces probes.
+    n_probes : int, default 30
+        Shared unit probes of the matrix-free route.
+    probe_batch : int, default 1
+        Probes whose per-sample products are held at once (about 2.5 [n, P] blocks of
+        memory each; see ``curvlab.shrinkage._traces``).
+    seed : int or torch.Generator, default 0
+        Seeds the probes.
 
-    ``noise_variance_`` is b2 = sum_k ||M_k - S||^2 / (n^2 p), the estimated per-dimension
-    squared error of S (before the cap at d2).
+    Attributes
+    ----------
+    shrinkage_, target_scale_, damping_, shrinkage_stderr_ : float
+        rho, mu, delta = mu rho / (1 - rho), the jackknife error over probes (0 if exact).
+    noise_variance_ : float
+        b2 = sum_k ||M_k - S||^2 / (n^2 p), the per-dimension squared error of S (before
+        the cap at d2).
+    covariance_, precision_, location_ : array or tensor
+        Explicit inputs only (``precision_`` None unless ``store_precision``).
+
+    References
+    ----------
+    O. Ledoit and M. Wolf, "A well-conditioned estimator for large-dimensional covariance
+    matrices", Journal of Multivariate Analysis 88(2), 2004.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((50, 4)) * [1, 2, 3, 4]
+    >>> fit = LedoitWolf().fit(X)
+    >>> round(fit.shrinkage_, 3), fit.covariance_.shape
+    (0.107, (4, 4))
     """
 
-    def __init__(self, *, assume_centered: bool = False, store_precision: bool = True,
-                 exact: bool | None = None, n_probes: int = 30, seed: Seed = 0):
-        self.assume_centered = assume_centered
+    def __init__(self, *, store_precision: bool = True, assume_centered: bool = False,
+                 block_size: int = 1000, exact: bool | None = None, n_probes: int = 30,
+                 probe_batch: int = 1, seed: Seed = 0):
         self.store_precision = store_precision
+        self.assume_centered = assume_centered
+        self.block_size = block_size
         self.exact = exact
         self.n_probes = n_probes
+        self.probe_batch = probe_batch
         self.seed = seed
+
+    def _block_columns(self) -> int:
+        return check_count("block_size", self.block_size, 1)
 
     def _rule(self, st: TraceStats) -> tuple[float, float, float]:
         p, n = st.p, st.n
@@ -62,24 +101,49 @@ class LedoitWolf(LinearShrinkage):
         b2 = st.mean("dispersion") / (n**2 * p)
         if p == 1:
             return 0.0, mu, b2
-        d2 = _spectral_variance(st) / p
+        d2 = st.mean("spread") / p
         b2_capped = min(b2, d2)
-        rho = 0.0 if b2_capped == 0 else b2_capped / d2
+        rho = 0.0 if b2_capped <= 0 else b2_capped / d2
         return min(max(rho, 0.0), 1.0), mu, b2
 
 
 class OAS(LinearShrinkage):
-    """Oracle approximating shrinkage toward (tr S / p) I (parameters as LedoitWolf).
+    """Oracle approximating shrinkage toward (tr S / p) I.
 
-    ``noise_variance_`` is the noise the chosen rho implies, rho * ||S - mu I||^2 / p.
+    Parameters
+    ----------
+    store_precision, assume_centered, exact, n_probes, probe_batch, seed
+        As for :class:`LedoitWolf`.
+
+    Attributes
+    ----------
+    shrinkage_, target_scale_, damping_, shrinkage_stderr_, covariance_, precision_,
+    location_
+        As for :class:`LedoitWolf`.
+    noise_variance_ : float
+        The noise the chosen rho implies, rho ||S - mu I||^2 / p.
+
+    References
+    ----------
+    Y. Chen, A. Wiesel, Y. C. Eldar and A. O. Hero, "Shrinkage algorithms for MMSE
+    covariance estimation", IEEE Trans. Signal Processing 58(10), 2010 (eq. 23).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((50, 4)) * [1, 2, 3, 4]
+    >>> round(OAS().fit(X).shrinkage_, 3)
+    0.14
     """
 
-    def __init__(self, *, assume_centered: bool = False, store_precision: bool = True,
-                 exact: bool | None = None, n_probes: int = 30, seed: Seed = 0):
-        self.assume_centered = assume_centered
+    def __init__(self, *, store_precision: bool = True, assume_centered: bool = False,
+                 exact: bool | None = None, n_probes: int = 30, probe_batch: int = 1,
+                 seed: Seed = 0):
         self.store_precision = store_precision
+        self.assume_centered = assume_centered
         self.exact = exact
         self.n_probes = n_probes
+        self.probe_batch = probe_batch
         self.seed = seed
 
     def _rule(self, st: TraceStats) -> tuple[float, float, float]:
@@ -87,12 +151,51 @@ class OAS(LinearShrinkage):
         mu = st.mean("trace") / p
         if p == 1:
             return 0.0, mu, 0.0
-        spread = _spectral_variance(st)
+        spread = st.mean("spread")
         num = st.mean("trace_sq") + st.mean("trace_squared")
         den = (n + 1) * spread
-        rho = 1.0 if den == 0 else min(num / den, 1.0)
+        rho = 1.0 if den <= 0 else min(num / den, 1.0)
         rho = max(rho, 0.0)
         return rho, mu, rho * spread / p
+
+
+class ShrunkCovariance(LinearShrinkage):
+    """A given shrinkage toward (tr S / p) I: (1 - shrinkage) S + shrinkage (tr S / p) I.
+
+    Parameters
+    ----------
+    store_precision, assume_centered : bool
+        As for :class:`LedoitWolf`.
+    shrinkage : float, default 0.1
+        rho in [0, 1].
+    exact, n_probes, probe_batch, seed
+        For estimators: how tr S is obtained (as for :class:`LedoitWolf`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((50, 4))
+    >>> fit = ShrunkCovariance(shrinkage=0.5).fit(X)
+    >>> fit.shrinkage_, bool(np.isclose(np.trace(fit.covariance_), np.trace(np.cov(X.T, bias=1))))
+    (0.5, True)
+    """
+
+    def __init__(self, *, store_precision: bool = True, assume_centered: bool = False,
+                 shrinkage: float = 0.1, exact: bool | None = None, n_probes: int = 30,
+                 probe_batch: int = 1, seed: Seed = 0):
+        self.store_precision = store_precision
+        self.assume_centered = assume_centered
+        self.shrinkage = shrinkage
+        self.exact = exact
+        self.n_probes = n_probes
+        self.probe_batch = probe_batch
+        self.seed = seed
+
+    def _rule(self, st: TraceStats) -> tuple[float, float, None]:
+        rho = float(self.shrinkage)
+        if not 0.0 <= rho <= 1.0:
+            raise InvalidInputError(f"shrinkage must lie in [0, 1], got {self.shrinkage!r}")
+        return rho, st.mean("trace") / st.p, None
 
 
 class RMTLinear(LinearShrinkage):
@@ -110,18 +213,38 @@ class RMTLinear(LinearShrinkage):
       seed)`` itself (``noise_estimate_`` keeps its NoiseEstimate). The fitted matrix is
       still (1 - rho) S + rho I.
 
-    ``noise_variance_`` and ``damping_`` are delta.
+    Parameters
+    ----------
+    batch_size : int or None, default None
+        B (see above).
+    store_precision, assume_centered, exact, n_probes, probe_batch, seed
+        As for :class:`LedoitWolf`.
+    method, subsample : str, int or None
+        Passed to ``noise_variance`` when ``batch_size`` is set on an estimator.
+
+    ``noise_variance_`` and ``damping_`` are delta. At least 2 samples are needed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((50, 4)) * [1, 2, 3, 4]
+    >>> fit = RMTLinear().fit(X)
+    >>> fit.target_scale_, round(fit.damping_, 2)
+    (1.0, 5.02)
     """
 
-    def __init__(self, *, batch_size: int | None = None, assume_centered: bool = False,
-                 store_precision: bool = True, exact: bool | None = None,
-                 n_probes: int = 30, method: str = "unbiased", subsample: int | None = None,
-                 seed: Seed = 0):
+    _min_samples = 2
+
+    def __init__(self, *, batch_size: int | None = None, store_precision: bool = True,
+                 assume_centered: bool = False, exact: bool | None = None,
+                 n_probes: int = 30, probe_batch: int = 1, method: str = "unbiased",
+                 subsample: int | None = None, seed: Seed = 0):
         self.batch_size = batch_size
-        self.assume_centered = assume_centered
         self.store_precision = store_precision
+        self.assume_centered = assume_centered
         self.exact = exact
         self.n_probes = n_probes
+        self.probe_batch = probe_batch
         self.method = method
         self.subsample = subsample
         self.seed = seed
@@ -142,8 +265,8 @@ class RMTLinear(LinearShrinkage):
             self.shrinkage_stderr_ = self._noise.stderr / (1.0 + self._noise.value) ** 2
         return self
 
-    def _operator_stats(self, op: Any) -> TraceStats | None:
-        return None if self._noise is not None else super()._operator_stats(op)
+    def _operator_stats(self, op: Any):
+        return (None, None) if self._noise is not None else super()._operator_stats(op)
 
     def _rule(self, st: TraceStats | None) -> tuple[float, float, float]:
         if st is None:
@@ -151,7 +274,9 @@ class RMTLinear(LinearShrinkage):
         else:
             n = st.n
             if n < 2:
-                raise InvalidInputError("the RMT rule needs at least 2 samples")
+                raise InvalidInputError(
+                    f"RMTLinear needs at least 2 samples to estimate the noise, got {n} sample"
+                )
             s2 = st.mean("dispersion") / ((n - 1) * st.p)
             B = self.batch_size
             if B is not None and not 1 <= B <= n:
@@ -164,18 +289,36 @@ class FixedShrinkage(LinearShrinkage):
     """A given shrinkage rho (or damping delta) toward target_scale * I.
 
     Works on any operator (only ``matvec`` is needed). ``noise_variance_`` is None.
+
+    Parameters
+    ----------
+    shrinkage : float or None, default None
+        rho in [0, 1]; give exactly one of ``shrinkage`` and ``damping``.
+    damping : float or None, default None
+        delta >= 0, the same as rho = delta / (target_scale + delta).
+    target_scale : float, default 1.0
+        tau > 0.
+    store_precision, assume_centered : bool
+        As for :class:`LedoitWolf`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> fit = FixedShrinkage(damping=1.0).fit(2 * np.eye(3)[None])
+    >>> fit.shrinkage_, float(fit.covariance_[0, 0])
+    (0.5, 1.5)
     """
 
     _needs_stats = False
 
     def __init__(self, *, shrinkage: float | None = None, damping: float | None = None,
-                 target_scale: float = 1.0, assume_centered: bool = False,
-                 store_precision: bool = True):
+                 target_scale: float = 1.0, store_precision: bool = True,
+                 assume_centered: bool = False):
         self.shrinkage = shrinkage
         self.damping = damping
         self.target_scale = target_scale
-        self.assume_centered = assume_centered
         self.store_precision = store_precision
+        self.assume_centered = assume_centered
 
     def _rule(self, st: TraceStats | None) -> tuple[float, float, None]:
         if (self.shrinkage is None) == (self.damping is None):

@@ -40,14 +40,10 @@ import torch
 from curvlab._random import Seed
 from curvlab.errors import InvalidInputError, NumericalError
 from curvlab.results import Eigenpairs
+from curvlab.shrinkage._represent import Eigen
 from curvlab.shrinkage._traces import matrix_stats, probe_stats
-from curvlab.shrinkage.base import (
-    BaseShrinkage,
-    as_tensor,
-    check_finite,
-    is_operator,
-    is_sample_operator,
-)
+from curvlab.shrinkage._validation import as_samples
+from curvlab.shrinkage.base import BaseShrinkage, is_operator, is_sample_operator
 
 
 def noise_of_mean(stats) -> float:
@@ -65,10 +61,10 @@ def eigenvector_oracle(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Ten
 
 
 class _SpectralCleaning(BaseShrinkage):
+    """Fitting plumbing: gather (values, vectors, noise, trace) and apply ``_clean``."""
+
     #: whether ``_clean`` uses the noise variance (estimating it costs per-sample products)
     uses_noise = True
-
-    """Fitting plumbing: gather (values, vectors, noise, trace) and apply ``_clean``."""
 
     k: int | None = None
     n_probes: int = 30
@@ -82,23 +78,35 @@ class _SpectralCleaning(BaseShrinkage):
         raise NotImplementedError
 
     def fit(self, X: Any, y: Any = None) -> _SpectralCleaning:
-        """Fit from a symmetric matrix, per-sample matrices, eigenpairs or an operator."""
-        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
-            delattr(self, name)
-        self._numpy = False
+        """Fit from a symmetric matrix, per-sample matrices, eigenpairs or an operator.
+
+        Parameters
+        ----------
+        X : array-like, torch.Tensor, Eigenpairs, (values, vectors) or operator
+            See the module docstring.
+        y : ignored
+
+        Returns
+        -------
+        self
+        """
+        self._reset()
         noise = self.noise_variance
         if isinstance(X, Eigenpairs) or (isinstance(X, tuple) and len(X) == 2):
             values, vectors = (X.values, X.vectors) if isinstance(X, Eigenpairs) else X
-            values, self._numpy = as_tensor(values)
-            vectors = as_tensor(vectors)[0].to(values.dtype)
+            values, numpy_out = as_samples(values, estimator=self, ensure_2d=False)
+            values = values.reshape(-1)
+            vectors = as_samples(vectors, estimator=self)[0].to(values.dtype)
             if vectors.shape != (values.numel(), values.numel()):
                 raise InvalidInputError(
                     "pass a full eigendecomposition (vectors [p, p]); for a partial one fit "
                     "the operator itself with k set"
                 )
+            self._set_space(values.numel(), values.dtype, values.device, numpy_out)
             self._fit_dense(values, vectors, noise)
             return self
         if is_operator(X):
+            self._set_space(int(X.num_params), X.dtype, X.device, False)
             if self.k is None:
                 dense = getattr(X, "to_dense", None)
                 if dense is None:
@@ -110,20 +118,22 @@ class _SpectralCleaning(BaseShrinkage):
             else:
                 self._fit_operator(X, noise)
             return self
-        T, self._numpy = as_tensor(X)
-        check_finite(T)
+        T, numpy_out = as_samples(X, estimator=self, allow_nd=True)
         if T.ndim == 3 and T.shape[1] == T.shape[2]:
             stats, M = matrix_stats(T)
+            M = M.to(T.dtype)
             noise = noise_of_mean(stats) if noise is None else noise
         elif T.ndim == 2 and T.shape[0] == T.shape[1]:
             M = T
-            if not torch.allclose(M, M.T, rtol=1e-6, atol=1e-8 * float(M.abs().max())):
+            scale = float(M.abs().max())
+            if not torch.allclose(M, M.T, rtol=1e-6, atol=1e-8 * scale):
                 raise InvalidInputError("the matrix must be symmetric; pass (M + M^T) / 2")
         else:
             raise InvalidInputError(
                 f"expected a symmetric matrix [p, p] or per-sample matrices [n, p, p], got "
                 f"{tuple(T.shape)}; for vector samples use LedoitWolf2020"
             )
+        self._set_space(T.shape[-1], T.dtype, T.device, numpy_out)
         values, vectors = torch.linalg.eigh((M + M.T) / 2)
         self._fit_dense(values, vectors, noise)
         return self
@@ -135,9 +145,8 @@ class _SpectralCleaning(BaseShrinkage):
         cleaned = self._clean(values, p, noise, None, None)
         self._store(values, cleaned, vectors, None)
         if keep_dense:
-            cov = (vectors * cleaned) @ vectors.T
-            self.covariance_ = self._out(cov)
-            self.precision_ = self._out((vectors / cleaned) @ vectors.T)
+            self.covariance_ = self._out(self._rep.dense())
+            self.precision_ = self._out(self._rep.dense_inverse())
 
     def _fit_operator(self, op: Any, noise: float | None) -> None:
         from curvlab.spectral.lanczos import eigenpairs
@@ -166,34 +175,16 @@ class _SpectralCleaning(BaseShrinkage):
         self.eigenvalues_ = self._out(cleaned.to(vectors.dtype))
         self.eigenvectors_ = self._out(vectors)
         self.bulk_value_ = None if bulk is None else float(bulk)
-        self._V, self._xi = vectors, cleaned.to(vectors.dtype)
+        self._rep = Eigen(vectors, cleaned.to(vectors.dtype), self.bulk_value_)
 
-    def _out(self, t: torch.Tensor):
-        return t.cpu().numpy() if self._numpy else t
-
-    def matvec(self, v):
-        """The cleaned matrix times v ([p] or [p, k])."""
-        return self._apply(v, lambda xi: xi)
-
-    def solve(self, v):
+    def solve(self, v, **options):
         """The cleaned matrix's inverse times v (every cleaned value must be nonzero)."""
-        values = self._xi if self.bulk_value_ is None else torch.cat(
-            [self._xi, self._xi.new_tensor([self.bulk_value_])]
-        )
+        self._check_fitted()
+        rep = self._rep
+        values = rep.w if rep.bulk is None else torch.cat([rep.w, rep.w.new_tensor([rep.bulk])])
         if not bool((values != 0).all() & torch.isfinite(values).all()):
             raise NumericalError("a cleaned eigenvalue is zero or not finite; add damping")
-        return self._apply(v, lambda xi: 1.0 / xi)
-
-    def _apply(self, v, fn):
-        self._check_fitted()
-        V, numpy = as_tensor(v)
-        V = V.to(self._V.dtype)
-        coeff = self._V.T @ V
-        scaled = fn(self._xi)[:, None] * coeff if V.ndim == 2 else fn(self._xi) * coeff
-        out = self._V @ scaled
-        if self.bulk_value_ is not None:
-            out = out + fn(torch.tensor(self.bulk_value_, dtype=V.dtype)) * (V - self._V @ coeff)
-        return out.cpu().numpy() if numpy else out
+        return super().solve(v, **options)
 
 
 class EigenvalueClipping(_SpectralCleaning):

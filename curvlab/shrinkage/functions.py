@@ -1,0 +1,186 @@
+"""scikit-learn's covariance functions, on curvlab's float64 statistics.
+
+``empirical_covariance``, ``shrunk_covariance``, ``ledoit_wolf_shrinkage``, ``ledoit_wolf``
+and ``oas`` take the arguments of their ``sklearn.covariance`` namesakes and return the
+same numbers (numpy in, numpy out; a torch tensor gives tensors of its dtype).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from curvlab.errors import InvalidInputError
+from curvlab.shrinkage._traces import vector_stats
+from curvlab.shrinkage._validation import as_samples, warn_one_sample
+from curvlab.shrinkage.base import check_count
+from curvlab.shrinkage.linear import OAS, LedoitWolf
+
+F64 = torch.float64
+
+
+def empirical_covariance(X: Any, *, assume_centered: bool = False) -> Any:
+    """The maximum-likelihood covariance (1/n) sum_k (x_k - m)(x_k - m)^T.
+
+    Parameters
+    ----------
+    X : array-like or torch.Tensor, [n, p]
+        Samples; a 1-D array is one sample (with scikit-learn's warning).
+    assume_centered : bool, default False
+        Take the mean m as zero.
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        [p, p], accumulated in float64.
+
+    Examples
+    --------
+    >>> empirical_covariance([[0, 1], [1, 0]])
+    array([[ 0.25, -0.25],
+           [-0.25,  0.25]])
+    """
+    T, numpy_out = as_samples(X, ensure_2d=False)
+    warn_one_sample(T.shape[0])
+    X64 = T.to(F64)
+    if not assume_centered:
+        X64 = X64 - X64.mean(dim=0)
+    cov = X64.T @ X64 / X64.shape[0]
+    return cov.cpu().numpy() if numpy_out else cov.to(T.dtype)
+
+
+def shrunk_covariance(emp_cov: Any, shrinkage: float = 0.1) -> Any:
+    """(1 - shrinkage) C + shrinkage (tr C / p) I for a covariance C or a stack [..., p, p].
+
+    Parameters
+    ----------
+    emp_cov : array-like or torch.Tensor, [..., p, p]
+        Covariance matrices.
+    shrinkage : float, default 0.1
+        In [0, 1].
+
+    Returns
+    -------
+    numpy.ndarray or torch.Tensor
+        The shrunk matrices, shaped like ``emp_cov``.
+
+    Examples
+    --------
+    >>> shrunk_covariance([[1.0, 1.0], [1.0, 1.0]], 0.5)
+    array([[1. , 0.5],
+           [0.5, 1. ]])
+    """
+    if isinstance(shrinkage, bool) or not 0.0 <= float(shrinkage) <= 1.0:
+        raise InvalidInputError(f"shrinkage must lie in [0, 1], got {shrinkage!r}")
+    C, numpy_out = as_samples(emp_cov, allow_nd=True)
+    if C.shape[-1] != C.shape[-2]:
+        raise InvalidInputError(f"expected square matrices [..., p, p], got {tuple(C.shape)}")
+    C64 = C.to(F64)
+    p = C.shape[-1]
+    mu = torch.diagonal(C64, dim1=-2, dim2=-1).sum(dim=-1) / p
+    out = (1.0 - shrinkage) * C64 + shrinkage * mu[..., None, None] * torch.eye(
+        p, dtype=F64, device=C.device)
+    return out.cpu().numpy() if numpy_out else out.to(C.dtype)
+
+
+def ledoit_wolf_shrinkage(X: Any, assume_centered: bool = False, block_size: int = 1000
+                          ) -> float:
+    """The Ledoit–Wolf shrinkage coefficient of samples X [n, p] (1-D: one sample).
+
+    Parameters
+    ----------
+    X : array-like or torch.Tensor
+        Samples.
+    assume_centered : bool, default False
+        Take the mean as zero.
+    block_size : int, default 1000
+        Columns per float64 block (memory only).
+
+    Returns
+    -------
+    float
+        rho of :class:`~curvlab.shrinkage.LedoitWolf` (0 for one feature).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((50, 4)) * [1, 2, 3, 4]
+    >>> round(ledoit_wolf_shrinkage(X), 3)
+    0.107
+    """
+    T, _ = as_samples(X, estimator="ledoit_wolf_shrinkage", ensure_2d=False)
+    if T.shape[1] == 1:
+        return 0.0
+    warn_one_sample(T.shape[0])
+    X64 = T.to(F64)
+    if not assume_centered:
+        X64 = X64 - X64.mean(dim=0)
+    stats, _ = vector_stats(X64, check_count("block_size", block_size, 1))
+    return LedoitWolf()._rule(stats)[0]
+
+
+def ledoit_wolf(X: Any, *, assume_centered: bool = False, block_size: int = 1000):
+    """(shrunk covariance, shrinkage) of the Ledoit–Wolf estimator.
+
+    Parameters
+    ----------
+    X : array-like or torch.Tensor, [n, p]
+        Samples.
+    assume_centered : bool, default False
+        Take the mean as zero.
+    block_size : int, default 1000
+        Columns per float64 block (memory only).
+
+    Returns
+    -------
+    (numpy.ndarray or torch.Tensor, float)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((50, 4)) * [1, 2, 3, 4]
+    >>> cov, rho = ledoit_wolf(X)
+    >>> cov.shape, round(rho, 3)
+    ((4, 4), 0.107)
+    """
+    fit = LedoitWolf(assume_centered=assume_centered, block_size=block_size,
+                     store_precision=False).fit(_two_d(X))
+    return fit.covariance_, fit.shrinkage_
+
+
+def oas(X: Any, *, assume_centered: bool = False):
+    """(shrunk covariance, shrinkage) of the OAS estimator.
+
+    Parameters
+    ----------
+    X : array-like or torch.Tensor, [n, p]
+        Samples.
+    assume_centered : bool, default False
+        Take the mean as zero.
+
+    Returns
+    -------
+    (numpy.ndarray or torch.Tensor, float)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((50, 4)) * [1, 2, 3, 4]
+    >>> cov, rho = oas(X)
+    >>> round(rho, 3)
+    0.14
+    """
+    fit = OAS(assume_centered=assume_centered, store_precision=False).fit(_two_d(X))
+    return fit.covariance_, fit.shrinkage_
+
+
+def _two_d(X: Any) -> Any:
+    """A 1-D array as one sample, as the scikit-learn functions read it."""
+    if isinstance(X, torch.Tensor):
+        return X.reshape(1, -1) if X.ndim == 1 else X
+    arr = X if isinstance(X, np.ndarray) else None
+    if arr is not None and arr.ndim == 1:
+        return arr.reshape(1, -1)
+    return X
