@@ -161,3 +161,77 @@ def test_nonlinear_params_clone():
     assert clone(LedoitWolf2020(k=0)).k == 0
     with pytest.raises(CurvlabError, match="LedoitWolf2020"):
         RotationInvariant().fit(np.ones((5, 3)))
+
+
+# ---------------------------------------------------------------------- LW2020 precision
+def _lw2020_mpmath(lam, n: int, p: int, dps: int = 60) -> np.ndarray:
+    """Eqs. 4.3-4.9 and C.4-C.8 of Ledoit & Wolf (2020) evaluated with ``dps`` digits, the
+    formulas exactly as printed (the reference for the stable float64 form)."""
+    mpmath = pytest.importorskip("mpmath")
+    mp = mpmath.mp
+    mp.dps = dps
+    lam = [mp.mpf(float(v)) for v in lam]
+    m = len(lam)
+    h = mp.mpf(n) ** (-mp.mpf(1) / 3)
+    r5, pi = mp.sqrt(5), mp.pi
+
+    def hilbert(x):
+        if abs(x) == r5:
+            return -3 * x / (10 * pi)
+        return -3 * x / (10 * pi) + 3 / (4 * r5 * pi) * (1 - x**2 / 5) * mp.log(
+            abs((r5 - x) / (r5 + x)))
+
+    f, hf = [], []
+    for li in lam:
+        xs = [((li - lj) / (h * lj), h * lj) for lj in lam]
+        f.append(sum(3 / (4 * r5) * max(1 - x**2 / 5, 0) / H for x, H in xs) / m)
+        hf.append(sum(hilbert(x) / H for x, H in xs) / m)
+    c = mp.mpf(p) / n
+    if p <= n:
+        d = [li / ((pi * c * li * fi) ** 2 + (1 - c - pi * c * li * hi) ** 2)
+             for li, fi, hi in zip(lam, f, hf)]
+    else:
+        hf0 = (1 / pi) * (3 / (10 * h**2) + 3 / (4 * r5 * h) * (1 - 1 / (5 * h**2))
+                          * mp.log((1 + r5 * h) / (1 - r5 * h))) * sum(1 / li for li in lam) / m
+        d0 = 1 / (pi * (p - n) / mp.mpf(n) * hf0)
+        d = [d0] * (p - n) + [li / (pi**2 * li**2 * (fi**2 + hi**2))
+                              for li, fi, hi in zip(lam, f, hf)]
+    return np.array([float(v) for v in d])
+
+
+def _breast_cancer(n: int, seed: int, standardise: bool) -> np.ndarray:
+    from sklearn.datasets import load_breast_cancer
+
+    X = load_breast_cancer().data
+    if standardise:
+        X = (X - X.mean(0)) / X.std(0)
+    return X[np.random.default_rng(seed).choice(len(X), n, replace=False)]
+
+
+@pytest.mark.parametrize("n, seed, standardise", [
+    (40, 0, True), (40, 1, True), (40, 0, False), (40, 2, False), (20, 0, True),
+])
+def test_lw2020_equals_a_60_digit_evaluation_on_breast_cancer(n, seed, standardise):
+    """Ill-conditioned real data (unscaled: eigenvalue ratio ~1e12): the Hilbert term of
+    the printed formula cancels in float64; the series form keeps every digit."""
+    X = _breast_cancer(n, seed, standardise)
+    fit = LedoitWolf2020().fit(X)
+    n_eff, p = n - 1, X.shape[1]
+    nonzero = fit.sample_eigenvalues_[max(0, p - n_eff):]
+    ref = _lw2020_mpmath(nonzero, n_eff, p)
+    np.testing.assert_allclose(fit.eigenvalues_, ref, rtol=1e-9)
+    if (n, seed, standardise) == (40, 0, True):  # the case of issue 16
+        np.testing.assert_allclose(fit.eigenvalues_[-2:], [11.43, 13.93], atol=0.01)
+        np.testing.assert_allclose(fit.sample_eigenvalues_[-2:], [10.34, 16.33], atol=0.01)
+
+
+def test_lw2020_float64_printed_formula_fails_where_the_series_does_not():
+    """The printed float64 formula (as nonlinshrink evaluates it) is far off on this case."""
+    from curvlab.shrinkage.ledoit_wolf_2020 import ROOT5, epanechnikov_hilbert
+
+    x = torch.tensor([3e4, 1e6, -5e7], dtype=F64)
+    printed = (-3 / 10 / np.pi) * x + (3 / 4 / ROOT5 / np.pi) * (1 - x**2 / 5) * torch.log(
+        torch.abs((ROOT5 - x) / (ROOT5 + x)))
+    exact = -1 / (np.pi * x) * (1 + 1 / x**2)  # the series' first two terms
+    torch.testing.assert_close(epanechnikov_hilbert(x), exact, rtol=1e-12, atol=0)
+    assert float(((printed - exact) / exact).abs().max()) > 1e-3
