@@ -127,53 +127,11 @@ def plot_spectral_density(
     >>> plot_spectral_density(eigenvalues=eigenvalues, ax=right, panels=["log"]) is mine
     True
     """
-    if density is None and eigenvalues is None:
-        raise InvalidInputError("pass a SpectralDensity, eigenvalues, or both")
-    if density is not None and not isinstance(density, SpectralDensity):
-        raise InvalidInputError(
-            f"density must be a SpectralDensity from spectral_density(); got {type(density)}"
-        )
-    if bins < 1:
-        raise InvalidInputError(f"bins must be >= 1; got {bins}")
-    if panels is not None:
-        panels = (panels,) if isinstance(panels, str) else tuple(panels)
-        unknown = [p for p in panels if p not in _PANELS]
-        if unknown or not panels:
-            raise InvalidInputError(
-                f"panels must be a non-empty sequence of {_PANELS}; got {panels!r}"
-            )
-    try:
-        from matplotlib.axes import Axes
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "plotting needs matplotlib: pip install 'curvlab[experiments]'"
-        ) from exc
-
+    panels = _check_options(density, eigenvalues, panels, bins)
     values = None if eigenvalues is None else _numpy(eigenvalues)
     if values is not None and (values.size == 0 or not np.isfinite(values).all()):
         raise InvalidInputError("eigenvalues must be non-empty and finite")
-
-    if ax is None:
-        panels = panels or _PANELS
-        fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
-        FigureCanvasAgg(fig)
-        axes = list(np.ravel(fig.subplots(1, len(panels), squeeze=False)))
-    else:
-        axes = [ax] if isinstance(ax, Axes) else list(np.ravel(np.asarray(ax, dtype=object)))
-        if not axes or not all(isinstance(a, Axes) for a in axes):
-            raise InvalidInputError(
-                f"ax must be a matplotlib Axes or a sequence of them; got {ax!r}"
-            )
-        panels = panels or _PANELS[: len(axes)]
-        fig = axes[0].figure.figure  # the root Figure, also for Axes on a SubFigure
-    if len(axes) != len(panels):
-        raise InvalidInputError(
-            f"got {len(axes)} Axes for the panels {panels}; pass one Axes per panel "
-            "(e.g. panels=['log'] with one Axes)"
-        )
-
+    fig, axes, panels = _figure_and_axes(ax, panels)
     for axis, panel in zip(axes, panels):
         _draw_panel(axis, panel == "log", density, values, bulk, bins)
     if ax is None:
@@ -189,6 +147,52 @@ def plot_spectral_density(
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
     return fig
+
+
+def _check_options(density, eigenvalues, panels, bins: int) -> tuple[str, ...] | None:
+    """Validate what needs no matplotlib; ``panels`` as a tuple (None stays None)."""
+    if density is None and eigenvalues is None:
+        raise InvalidInputError("pass a SpectralDensity, eigenvalues, or both")
+    if density is not None and not isinstance(density, SpectralDensity):
+        raise InvalidInputError(
+            f"density must be a SpectralDensity from spectral_density(); got {type(density)}"
+        )
+    if bins < 1:
+        raise InvalidInputError(f"bins must be >= 1; got {bins}")
+    if panels is None:
+        return None
+    panels = (panels,) if isinstance(panels, str) else tuple(panels)
+    if not panels or any(p not in _PANELS for p in panels):
+        raise InvalidInputError(f"panels must be a non-empty sequence of {_PANELS}; got {panels!r}")
+    return panels
+
+
+def _figure_and_axes(ax, panels: tuple[str, ...] | None) -> tuple[Figure, list[Axes], tuple]:
+    """A Figure of its own with one Axes per panel (``ax`` None), or the root Figure of the
+    given Axes; and the panels, one per Axes."""
+    try:
+        from matplotlib.axes import Axes
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "plotting needs matplotlib: pip install 'curvlab[experiments]'"
+        ) from exc
+    if ax is None:
+        panels = panels or _PANELS
+        fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="constrained")
+        FigureCanvasAgg(fig)
+        return fig, list(np.ravel(fig.subplots(1, len(panels), squeeze=False))), panels
+    axes = [ax] if isinstance(ax, Axes) else list(np.ravel(np.asarray(ax, dtype=object)))
+    if not axes or not all(isinstance(a, Axes) for a in axes):
+        raise InvalidInputError(f"ax must be a matplotlib Axes or a sequence of them; got {ax!r}")
+    panels = panels or _PANELS[: len(axes)]
+    if len(axes) != len(panels):
+        raise InvalidInputError(
+            f"got {len(axes)} Axes for the panels {panels}; pass one Axes per panel "
+            "(e.g. panels=['log'] with one Axes)"
+        )
+    return axes[0].figure.figure, axes, panels  # the root Figure, also for SubFigure axes
 
 
 def _draw_panel(
