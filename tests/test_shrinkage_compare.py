@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
-from curvlab.errors import CurvlabError
+from curvlab.errors import BackendUnavailableError, CurvlabError
 from curvlab.shrinkage import (
     OAS,
+    Comparison,
     LedoitWolf,
     PerSampleMatrices,
     RMTLinear,
@@ -97,3 +99,97 @@ def test_heldout_score_tracks_the_truth_error():
 def test_compare_refuses_unknown_truth():
     with pytest.raises(CurvlabError, match="truth"):
         compare(torch.eye(4, dtype=F64), [LedoitWolf()], [2])
+
+
+# ---------------------------------------------------------------------- vector samples
+def _pool(n=400, p=12, seed=0):
+    rng = np.random.default_rng(seed)
+    A = rng.standard_normal((p, p)) / np.sqrt(p)
+    truth = A @ A.T + np.eye(p)
+    X = rng.standard_normal((n, p)) @ np.linalg.cholesky(truth).T + 3.0
+    return truth, X
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_compare_on_vector_samples_with_a_numpy_truth(as_torch):
+    """Batches of rows of an [n, P] pool; the raw estimate is the batch's covariance, for
+    B < P, B = P and B > P (issue 16: B = P was read as a matrix)."""
+    truth, X = _pool()
+    pool = torch.tensor(X) if as_torch else X
+    p = truth.shape[0]
+    table = compare(truth, {"LW": LedoitWolf(), "OAS": OAS(), "RIE": RotationInvariant()},
+                    [6, p, 48], samples=pool, n_repeats=2, seed=3, progress=False)
+    for r in (r for r in table if r["estimator"] == "raw"):
+        idx = torch.randperm(400, generator=torch.Generator().manual_seed(
+            3 + 1000 * r["repeat"] + r["batch_size"]))[: r["batch_size"]]
+        raw = np.cov(X[idx.numpy()].T, bias=True)
+        assert r["frobenius"] == pytest.approx(((raw - truth) ** 2).sum() / p, rel=1e-10)
+    lw = [r for r in table if r["estimator"] == "LW"]
+    ref = {(r["batch_size"], r["repeat"]): r for r in table if r["estimator"] == "raw"}
+    for r in lw:  # shrinkage helps most at the smallest batch, where n < P
+        if r["batch_size"] == 6:
+            assert r["frobenius"] < ref[r["batch_size"], r["repeat"]]["frobenius"]
+
+
+def test_summary_is_mean_and_stderr_over_repeats(tmp_path):
+    truth, X = _pool(seed=1)
+    table = compare(truth, [LedoitWolf()], [8, 24], samples=X, n_repeats=4, progress=False)
+    assert isinstance(table, Comparison) and len(table) == 2 * 4 * 2
+    rows = {(r["estimator"], r["batch_size"], r["metric"]): r for r in table.summary()}
+    values = np.array([r["frobenius"] for r in table
+                       if r["estimator"] == "LedoitWolf" and r["batch_size"] == 8])
+    row = rows["LedoitWolf", 8, "frobenius"]
+    assert row["n"] == 4
+    assert row["mean"] == pytest.approx(values.mean(), rel=1e-12)
+    assert row["stderr"] == pytest.approx(values.std(ddof=1) / 2, rel=1e-12)
+    path = table.to_csv(tmp_path / "summary.csv", summary=True)
+    with open(path) as fh:
+        saved = list(csv.DictReader(fh))
+    assert {"batch_size", "estimator", "metric", "mean", "stderr", "n"} <= set(saved[0])
+    assert len(saved) == len(table.summary())
+
+
+def test_to_pandas_is_optional():
+    truth, X = _pool(seed=2)
+    table = compare(truth, [OAS()], [10], samples=X, progress=False)
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendUnavailableError, match="pandas"):
+            table.to_pandas()
+    else:
+        frame = table.to_pandas()
+        assert frame.shape[0] == len(table)
+
+
+def test_plot_draws_error_bars_on_a_given_axes(tmp_path):
+    import matplotlib
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.figure import Figure
+
+    backend = matplotlib.get_backend()
+    truth, X = _pool(seed=4)
+    table = compare(truth, [LedoitWolf()], [8, 16], samples=X, n_repeats=3, progress=False)
+    fig = Figure()
+    ax = fig.subplots()
+    assert table.plot(ax=ax) is fig
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 2  # raw and LedoitWolf, each with error bars
+    assert not any(tmp_path.iterdir())
+    own = table.plot(path=tmp_path / "cmp.png")
+    assert isinstance(own, Figure) and (tmp_path / "cmp.png").stat().st_size > 1000
+    assert matplotlib.get_backend() == backend
+
+
+def test_compare_draws_subsets_through_the_public_api(digits_hessian, monkeypatch):
+    seen = []
+    original = digits_hessian.subset
+
+    def spy(indices):
+        seen.append(indices.clone())
+        return original(indices)
+
+    monkeypatch.setattr(digits_hessian, "subset", spy)
+    compare(digits_hessian, {"LW": LedoitWolf(n_probes=3)}, [16], n_repeats=2, progress=False)
+    assert [len(i) for i in seen] == [16, 16]
+    assert all(int(i.max()) < 400 and i.unique().numel() == 16 for i in seen)

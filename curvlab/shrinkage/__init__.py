@@ -43,10 +43,12 @@ from curvlab.shrinkage.nonlinear import (
     noise_of_mean,
 )
 from curvlab.shrinkage.synthetic import PerSampleMatrices, SpikedModel
+from curvlab.shrinkage.table import Comparison
 
 __all__ = [
     "OAS",
     "BaseShrinkage",
+    "Comparison",
     "EigenvalueClipping",
     "FixedShrinkage",
     "InputTypeError",

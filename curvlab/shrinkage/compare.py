@@ -7,10 +7,17 @@ relative Frobenius error, the spectral-norm error, the overlaps |<u_i, u_hat_i>|
 truth's top eigenvectors with the estimate's, and the implied damping/shrinkage. The
 truth is
 
-- a curvature estimator holding all the data: H = ``to_dense()`` (small models), batches are
-  estimators of the same class on B samples drawn without replacement;
+- a curvature estimator holding all the data: H = ``to_dense()`` (small models); a batch
+  is ``est.subset(indices)`` on B samples drawn without replacement;
 - a ``SpikedModel``: H = its matrix, batches its per-sample matrices [B, P, P];
-- or a dense [P, P] tensor with ``sampler(batch_size, seed)`` returning a fit input.
+- or a [P, P] array (numpy or torch) with ``samples`` (an [n, P] pool of vector samples,
+  numpy or torch; a batch is B rows drawn without replacement) or ``sampler(batch_size,
+  seed)`` returning vector samples [B, P], per-sample matrices [B, P, P] or an operator.
+
+The raw estimate is the batch's own matrix: the operator's, the mean of per-sample
+matrices, or for vector samples the empirical covariance (centred). Vector samples go to
+the linear rules and ``LedoitWolf2020`` as samples, and to the eigenvalue cleaners
+(``EigenvalueClipping``, ``RotationInvariant``) as that covariance matrix.
 
 ``heldout_score`` needs no truth: -(1/P) E_v ||(H_hat - H') v||^2 with an independent batch's
 H' (E v v^T = I). Since E||H_hat - H'||^2 = ||H_hat - H||^2 + E||H' - H||^2 for independent
@@ -19,7 +26,6 @@ H', it ranks estimators like the truth's Frobenius error, shifted by a constant.
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -28,11 +34,16 @@ from typing import Any
 import torch
 
 from curvlab._random import Seed, make_generator, rademacher
-from curvlab.errors import BackendUnavailableError, InvalidInputError
+from curvlab.errors import InvalidInputError
+from curvlab.progress import Callback, Progress
 from curvlab.results import Estimate
 from curvlab.shrinkage._validation import as_samples
-from curvlab.shrinkage.base import LinearShrinkage, is_operator
+from curvlab.shrinkage.base import is_operator
+from curvlab.shrinkage.nonlinear import _SpectralCleaning
 from curvlab.shrinkage.synthetic import SpikedModel
+from curvlab.shrinkage.table import Comparison
+
+F64 = torch.float64
 
 
 class _CachedBatch:
@@ -51,48 +62,79 @@ class _CachedBatch:
         return self._dense @ v
 
 
-def _truth_and_sampler(truth: Any, sampler: Callable | None):
+def _truth_and_sampler(truth: Any, sampler: Callable | None, samples: Any):
     if isinstance(truth, SpikedModel):
         return truth.matrix, sampler or truth.sample
-    if is_operator(truth) and hasattr(truth, "batches"):
-        dense = truth.to_dense()
-        return dense, sampler or _subset_sampler(truth)
-    if isinstance(truth, torch.Tensor) and sampler is not None:
-        return truth, sampler
-    raise InvalidInputError(
-        "truth must be a curvature estimator holding all the data, a SpikedModel, or a dense "
-        "[P, P] tensor together with sampler(batch_size, seed)"
-    )
+    if is_operator(truth) and hasattr(truth, "subset"):
+        return truth.to_dense(), sampler or _subset_sampler(truth)
+    if truth is None or is_operator(truth):
+        raise InvalidInputError(
+            "truth must be a curvature estimator holding all the data, a SpikedModel, or a "
+            "[P, P] array together with samples= ([n, P]) or sampler(batch_size, seed)"
+        )
+    matrix = as_samples(truth, estimator="compare")[0].to(F64)
+    if matrix.shape[0] != matrix.shape[1]:
+        raise InvalidInputError(f"truth must be a square [P, P] matrix, got {tuple(matrix.shape)}")
+    if (samples is None) == (sampler is None):
+        raise InvalidInputError(
+            "with a [P, P] truth pass exactly one of samples= (an [n, P] pool of vector "
+            "samples) or sampler= (batch_size, seed) -> a batch"
+        )
+    if sampler is None:
+        pool, _ = as_samples(samples, estimator="compare")
+        if pool.shape[1] != matrix.shape[0]:
+            raise InvalidInputError(
+                f"samples have {pool.shape[1]} features but the truth is "
+                f"{matrix.shape[0]} x {matrix.shape[0]}"
+            )
+        sampler = _row_sampler(pool)
+    return matrix, sampler
+
+
+def _draw(total: int, batch_size: int, seed: Seed) -> torch.Tensor:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not (
+            1 <= batch_size <= total):
+        raise InvalidInputError(f"batch_size must be an int in [1, {total}], got {batch_size!r}")
+    return torch.randperm(total, generator=make_generator(seed))[:batch_size]
 
 
 def _subset_sampler(est: Any) -> Callable:
-    total = int(est.num_samples)
+    return lambda batch_size, seed: est.subset(_draw(int(est.num_samples), batch_size, seed))
 
-    def sample(batch_size: int, seed: Seed):
-        if not 1 <= batch_size <= total:
-            raise InvalidInputError(f"batch_size must lie in [1, {total}], got {batch_size}")
-        return est.subset(torch.randperm(total, generator=make_generator(seed))[:batch_size])
+
+def _row_sampler(pool: torch.Tensor) -> Callable:
+    def sample(batch_size: int, seed: Seed) -> torch.Tensor:
+        return pool[_draw(pool.shape[0], batch_size, seed).to(pool.device)]
 
     return sample
 
 
-def _raw(batch: Any) -> tuple[Any, torch.Tensor]:
-    """(the input to fit, the raw dense batch estimate)."""
+def _raw(batch: Any) -> tuple[Any, torch.Tensor, bool]:
+    """(the input to fit, the raw dense batch estimate in float64, whether vector samples)."""
     if is_operator(batch):
         dense = batch.to_dense()
-        return _CachedBatch(batch, dense), dense
-    T, _ = as_samples(batch, allow_nd=True)
-    return batch, T.mean(dim=0) if T.ndim == 3 else T
+        return _CachedBatch(batch, dense), dense.to(F64), False
+    T, _ = as_samples(batch, estimator="compare", allow_nd=True)
+    if T.ndim == 3:
+        return batch, T.to(F64).mean(dim=0), False
+    X = T.to(F64)
+    X = X - X.mean(dim=0)
+    return batch, X.T @ X / X.shape[0], True
+
+
+def _fit(est: Any, batch: Any, raw: torch.Tensor, vectors: bool) -> None:
+    if vectors and isinstance(est, _SpectralCleaning):
+        est.fit(raw)  # eigenvalue cleaners take the sample covariance itself
+    else:
+        est.fit(batch)
 
 
 def _dense_estimate(est: Any, raw: torch.Tensor) -> torch.Tensor:
-    if hasattr(est, "covariance_"):
-        return torch.as_tensor(est.covariance_, dtype=raw.dtype)
-    if isinstance(est, LinearShrinkage):
-        out = (1.0 - est.shrinkage_) * raw
-        out.diagonal().add_(est.shrinkage_ * est.target_scale_)
-        return out
-    return torch.as_tensor(est.matvec(torch.eye(raw.shape[0], dtype=raw.dtype)), dtype=raw.dtype)
+    cov = getattr(est, "covariance_", None)
+    if cov is not None:
+        return torch.as_tensor(cov).to(F64).cpu()
+    eye = torch.eye(raw.shape[0], dtype=est.dtype, device=est.device)
+    return est.matvec(eye).to(F64).cpu()
 
 
 def _metrics(estimate: torch.Tensor, truth: torch.Tensor, top: torch.Tensor) -> dict:
@@ -116,97 +158,120 @@ def compare(
     estimators: Mapping[str, Any] | Iterable[Any],
     batch_sizes: Iterable[int],
     *,
+    samples: Any = None,
     n_repeats: int = 1,
     seed: int = 0,
     n_overlaps: int = 3,
     sampler: Callable | None = None,
     csv_path: str | Path | None = None,
     plot_path: str | Path | None = None,
-) -> list[dict]:
-    """Records comparing ``estimators`` (name -> unfitted estimator) on batches from ``truth``.
+    progress: bool | None = None,
+    callback: Callback | None = None,
+) -> Comparison:
+    """Compare ``estimators`` on batches of each size drawn from a known ``truth``.
 
-    The raw batch estimate appears as estimator "raw". Batch r of size B uses seed
-    ``seed + 1000 * r + B``; every estimator sees the same batch. Writes the records to
-    ``csv_path`` and a plot of the Frobenius error against the batch size to ``plot_path``
-    (matplotlib) when given.
+    Parameters
+    ----------
+    truth : CurvatureEstimator, SpikedModel or array-like [P, P]
+        The ground truth and, for the first two, the source of batches (module docstring).
+    estimators : mapping of name -> estimator, or iterable of estimators
+        Unfitted estimators (named by class when not a mapping); the raw batch estimate is
+        added as "raw".
+    batch_sizes : iterable of int
+    samples : array-like or torch.Tensor [n, P], optional
+        A pool of vector samples of a [P, P] truth (its population covariance).
+    n_repeats : int, default 1
+        Independent batches per size; ``summary()`` gives mean ± standard error over them.
+    seed : int, default 0
+        Batch r of size B uses seed ``seed + 1000 r + B``; every estimator sees that batch.
+    n_overlaps : int, default 3
+        Top eigenvectors of the truth whose overlaps are recorded.
+    sampler : callable, optional
+        ``sampler(batch_size, seed)`` -> a batch, instead of the truth's own.
+    csv_path, plot_path : str or Path, optional
+        Also write the records as CSV, and the Frobenius error with error bars as a plot.
+    progress : bool or None, default None
+        A bar on stderr (None: when stderr is a terminal).
+    callback : callable, optional
+        Called with a :class:`~curvlab.progress.ProgressEvent` after every fit.
+
+    Returns
+    -------
+    Comparison
+        The records (a list of dicts: ``batch_size``, ``repeat``, ``estimator``,
+        ``frobenius``, ``relative_frobenius``, ``spectral``, ``overlap_i``, ``shrinkage``,
+        ``damping``, ``noise_variance``, ``seconds``) with ``summary()``, ``to_csv()``,
+        ``to_pandas()`` and ``plot(ax=...)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlab.shrinkage import LedoitWolf
+    >>> rng = np.random.default_rng(0)
+    >>> table = compare(np.eye(20), {"LW": LedoitWolf()}, [10, 40], n_repeats=3,
+    ...                 samples=rng.standard_normal((500, 20)), progress=False)
+    >>> row = {(r["estimator"], r["batch_size"]): r for r in table.summary(["frobenius"])}
+    >>> bool(row["LW", 10]["mean"] < row["raw", 10]["mean"])
+    True
     """
     if not isinstance(estimators, Mapping):
         estimators = {type(e).__name__: e for e in estimators}
-    matrix, sample = _truth_and_sampler(truth, sampler)
-    matrix = matrix.detach()
+    if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or n_repeats < 1:
+        raise InvalidInputError(f"n_repeats must be a positive int, got {n_repeats!r}")
+    batch_sizes = list(batch_sizes)
+    matrix, sample = _truth_and_sampler(truth, sampler, samples)
+    matrix = matrix.detach().to(F64).cpu()
     _, vecs = torch.linalg.eigh(matrix)
     top = vecs.flip(1)[:, :n_overlaps]
-    records = []
-    for batch_size in batch_sizes:
-        for repeat in range(n_repeats):
-            batch, raw = _raw(sample(batch_size, seed + 1000 * repeat + batch_size))
-            base = {"batch_size": batch_size, "repeat": repeat}
-            records.append({**base, "estimator": "raw", **_metrics(raw, matrix, top),
-                            "shrinkage": 0.0, "damping": 0.0, "noise_variance": None,
-                            "seconds": 0.0})
-            for name, est in estimators.items():
-                start = time.perf_counter()
-                est.fit(batch)
-                seconds = time.perf_counter() - start
-                records.append({
-                    **base, "estimator": name,
-                    **_metrics(_dense_estimate(est, raw), matrix, top),
-                    "shrinkage": getattr(est, "shrinkage_", None),
-                    "damping": getattr(est, "damping_", None),
-                    "noise_variance": getattr(est, "noise_variance_", None),
-                    "seconds": seconds,
-                })
+    records = Comparison()
+    total = len(batch_sizes) * n_repeats * (1 + len(estimators))
+    with Progress("compare", total, progress=progress, callback=callback) as bar:
+        for batch_size in batch_sizes:
+            for repeat in range(n_repeats):
+                batch, raw, vectors = _raw(sample(batch_size, seed + 1000 * repeat + batch_size))
+                raw = raw.cpu()
+                base = {"batch_size": batch_size, "repeat": repeat}
+                records.append({**base, "estimator": "raw", **_metrics(raw, matrix, top),
+                                "shrinkage": 0.0, "damping": 0.0, "noise_variance": None,
+                                "seconds": 0.0})
+                bar.update(batch_size=batch_size)
+                for name, est in estimators.items():
+                    start = time.perf_counter()
+                    _fit(est, batch, raw, vectors)
+                    seconds = time.perf_counter() - start
+                    records.append({
+                        **base, "estimator": name,
+                        **_metrics(_dense_estimate(est, raw), matrix, top),
+                        "shrinkage": getattr(est, "shrinkage_", None),
+                        "damping": getattr(est, "damping_", None),
+                        "noise_variance": getattr(est, "noise_variance_", None),
+                        "seconds": seconds,
+                    })
+                    bar.update(batch_size=batch_size)
     if csv_path is not None:
-        write_csv(records, csv_path)
+        records.to_csv(csv_path)
     if plot_path is not None:
-        plot(records, plot_path)
+        records.plot(path=plot_path)
     return records
-
-
-def write_csv(records: list[dict], path: str | Path) -> None:
-    fields = list(dict.fromkeys(k for r in records for k in r))
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(records)
-
-
-def plot(records: list[dict], path: str | Path, metric: str = "frobenius") -> None:
-    """Mean ``metric`` over repeats against the batch size, one line per estimator."""
-    try:  # a Figure on its own canvas leaves the user's pyplot backend alone
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise BackendUnavailableError(
-            "plotting needs matplotlib: pip install 'curvlab[experiments]'"
-        ) from exc
-
-    fig = Figure(figsize=(5.5, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for name in dict.fromkeys(r["estimator"] for r in records):
-        rows = [r for r in records if r["estimator"] == name]
-        sizes = sorted({r["batch_size"] for r in rows})
-        means = [
-            sum(r[metric] for r in rows if r["batch_size"] == b)
-            / sum(1 for r in rows if r["batch_size"] == b)
-            for b in sizes
-        ]
-        ax.plot(sizes, means, marker="o", label=name)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("||H_hat - H||_F^2 / P" if metric == "frobenius" else metric)
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=120)
 
 
 def heldout_score(estimate: Any, other: Any, n_probes: int = 10, seed: Seed = 0) -> Estimate:
     """-(1/P) E||(H_hat - H') v||^2 with Rademacher probes (higher is better).
 
-    ``estimate``: a fitted estimator (or anything with ``matvec``, or a callable v -> H_hat v);
-    ``other``: an operator for an independent batch's curvature H'. The standard error is
-    the spread over probes.
+    Parameters
+    ----------
+    estimate : fitted estimator, operator or callable
+        Anything with ``matvec``, or a callable v -> H_hat v.
+    other : operator
+        An independent batch's curvature H' (``num_params``, ``dtype``, ``device``,
+        ``matvec``).
+    n_probes : int, default 10
+        Probes (>= 2); the standard error is their spread.
+    seed : int or torch.Generator, default 0
+
+    Returns
+    -------
+    Estimate
     """
     apply = estimate if callable(estimate) and not hasattr(estimate, "matvec") else estimate.matvec
     if not is_operator(other):
