@@ -1,16 +1,18 @@
 """The reference backend: exact curvature products with plain autograd and torch.func.
 
-- Hessian: double backward on a graph cached per batch (repeated products on fixed data
-  reuse the forward pass and the first backward).
-- GGN J^T H_out J, Fisher (type-2 = GGN for MSE/CE/BCE; Monte-Carlo with labels drawn once
-  from the model's predictive) and empirical Fisher (1/N) sum_n g_n g_n^T, from cached
-  output graphs: J v by the double-vjp trick, H_out w and J^T w by vjp.
-- Per-group products with one shared probe through ``torch.func.vmap`` over groups, and a
-  loop over the same function when the model cannot be vmapped (same numbers).
+- Hessian: double backward on a per-batch graph of ``S_b / W`` (the loss contract of
+  :mod:`curvlab.losses`), cached between products or rebuilt per product (``cache``).
+- GGN J^T H_out J, Fisher (type-2 = GGN for MSE/CE/BCE; Monte-Carlo with labels drawn from
+  the model's predictive, seeded) and empirical Fisher (1/N) sum_n g_n g_n^T from output
+  graphs: J v by the double-vjp trick, H_out w and J^T w by vjp.
+- Per-group products with shared probes through ``torch.func.vmap`` over probes and groups
+  (one decision per model: a model that cannot be vmapped is looped over, with the same
+  numbers). Dropout masks of the whole batch are replayed on each group, so rows average to
+  the full product; train-mode BatchNorm normalises each group as its own mini-batch.
 
-Parameters are differentiated through ``torch.func.functional_call`` on detached aliases,
-and buffers are passed as clones, so the user's model keeps its mode, hooks, buffers and
-``.grad``. A cached graph is rebuilt when the parameters change in place (an optimizer step).
+Everything runs on the hook-free :class:`curvlab.model_view.ModelView` with parameters
+substituted by ``torch.func.functional_call``, so the user's model keeps its mode, hooks,
+buffers, ``.grad`` and RNG state.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import warnings
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from curvlab._params import flatten, unflatten
-from curvlab._random import Seed, make_generator
-from curvlab.errors import CurvlabWarning, InvalidInputError, NumericalError, UnsupportedModelError
-from curvlab.estimator import CurvatureEstimator
-
-from ._losses import SUPPORTED, check_scalar_mean_loss, loss_kind, sample_residuals
+from curvlab._random import make_generator
+from curvlab.errors import CurvlabWarning, InvalidInputError, UnsupportedModelError
+from curvlab.estimator import CurvatureEstimator, finite_or_raise, graph_bytes
+from curvlab.losses import LIKELIHOOD_LOSSES, sample_residuals
+from curvlab.model_view import MaskTape
 
 
 def _grad(outputs, inputs, grad_outputs=None, create_graph=False):
@@ -41,12 +43,31 @@ def _grad(outputs, inputs, grad_outputs=None, create_graph=False):
     )
 
 
+class VmapDecision:
+    """Whether ``torch.func.vmap`` works on a model: decided once, shared by the estimators
+    made from one another with ``with_data``/``subset`` (None: not tried yet)."""
+
+    def __init__(self, vectorize: bool | None):
+        self.requested = vectorize
+        self.ok: bool | None = None if vectorize is None else bool(vectorize)
+
+
 class AutogradEstimator(CurvatureEstimator):
     """Exact curvature products by autograd (see module docstring).
 
-    Extra options: ``fisher_type`` ("type-2" or "mc"), ``mc_samples`` and ``seed`` for the
-    Monte-Carlo Fisher, ``vectorize`` (None: try vmap, fall back to a loop; True; False),
-    ``chunk_size`` (groups per vmap call).
+    Parameters
+    ----------
+    model, loss_fn, data, curvature, params, mode, seed, cache, distributed
+        See :class:`curvlab.CurvatureEstimator`.
+    fisher_type : {"type-2", "mc"}, default "type-2"
+        For ``curvature="fisher"``: the exact type-2 Fisher (= GGN) or a Monte-Carlo one
+        with ``mc_samples`` labels per sample drawn from the model's predictive (``seed``).
+    mc_samples : int, default 1
+    vectorize : bool or None, default None
+        Group products and per-sample gradients with ``torch.func.vmap`` (True), a Python
+        loop (False), or vmap with a loop fallback decided once per model (None).
+    chunk_size : int, default 512
+        Groups per vmap call (bounds memory).
     """
 
     backend = "autograd"
@@ -63,223 +84,290 @@ class AutogradEstimator(CurvatureEstimator):
         *,
         fisher_type: str = "type-2",
         mc_samples: int = 1,
-        seed: Seed = 0,
         vectorize: bool | None = None,
         chunk_size: int = 512,
+        mode: str | None = None,
+        seed=0,
+        cache: bool | str = "auto",
         distributed: bool | None = None,
     ):
-        super().__init__(model, loss_fn, data, curvature, params, distributed=distributed)
+        super().__init__(
+            model, loss_fn, data, curvature, params,
+            mode=mode, seed=seed, cache=cache, distributed=distributed,
+        )
         if fisher_type not in ("type-2", "mc"):
             raise InvalidInputError(f"fisher_type must be 'type-2' or 'mc', got {fisher_type!r}")
-        if mc_samples < 1:
-            raise InvalidInputError(f"mc_samples must be >= 1, got {mc_samples}")
-        self.kind = loss_kind(loss_fn)
-        if curvature == "fisher" and self.kind is None:
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+            raise InvalidInputError(f"mc_samples must be a positive int, got {mc_samples!r}")
+        if vectorize not in (None, True, False):
+            raise InvalidInputError(f"vectorize must be None, True or False, got {vectorize!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise InvalidInputError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.kind = self.loss.kind
+        if curvature == "fisher" and (self.kind is None or self.sample_scale != 1.0):
             raise UnsupportedModelError(
-                f"the Fisher needs a likelihood: use {SUPPORTED} (mean reduction, no weights), "
-                "or curvature='ggn' for any loss"
+                f"the Fisher needs a likelihood: use {LIKELIHOOD_LOSSES} (mean reduction, no "
+                "class weights, no ignored labels), or curvature='ggn' for any loss"
             )
         self.fisher_type = fisher_type if curvature == "fisher" else None
         self.mc_samples = mc_samples
-        self.seed = seed
-        self.vectorize = vectorize
         self.chunk_size = chunk_size
-        self._cache: list[dict] | None = None
-        self._versions: tuple[int, ...] | None = None
-        self._residuals: list[torch.Tensor] | None = None  # MC labels of the cached graphs
-        self._check_loss()
+        self._vmap = VmapDecision(vectorize)
+        self._keep: bool | None = None
+        self.release()
 
-    # ------------------------------------------------------------------ model access
-    def _aliases(self) -> list[torch.Tensor]:
-        return [p.detach().requires_grad_() for p in self.params]
+    @property
+    def vectorize(self) -> bool | None:
+        """Whether group products are vmapped (None until first tried)."""
+        return self._vmap.ok
 
-    def _forward(self, params, x):
-        state = {name: b.clone() for name, b in self.model.named_buffers()}
-        state.update(zip(self.param_names, params))
-        return functional_call(self.model, state, (x,), strict=False)
-
-    def _check_loss(self) -> None:
-        x, y = self.batches[0]
-        with torch.no_grad(), self._preserve_rng():
-            out = self._forward([p.detach() for p in self.params], x)
-            check_scalar_mean_loss(self.loss_fn, out, y)
-
-    # ------------------------------------------------------------------ cached graphs
+    # ------------------------------------------------------------------ graphs
     def release(self) -> None:
-        self._cache = None
-        self._residuals = None
-        self._versions = None
+        self._graphs: list[dict] | None = None
+        self._residuals: list[torch.Tensor] | None = None
+        self._masks: list[torch.Tensor] | None = None
 
-    def _graphs(self) -> list[dict]:
-        """Per-batch graphs for the current weights; MC labels are drawn anew (same seed)
-        whenever the weights change, so the MC Fisher follows the model's predictive."""
-        if self._cache is None or self._versions != self._model_version():
-            gen = make_generator(self.seed, self.device)
-            self._residuals = []
-            with self._preserve_rng():
-                self._cache = [self._build(i, x, y, gen) for i, (x, y) in enumerate(self.batches)]
-            self._versions = self._model_version()
-        return self._cache
+    def _state(self, ps) -> dict[str, torch.Tensor]:
+        return dict(zip(self.param_names, ps))
+
+    def _mc_generator(self) -> torch.Generator:
+        return make_generator(self.seed, self.device)
+
+    def _iter_graphs(self):
+        """Per-batch graphs for the current weights: cached, or built one at a time."""
+        if self._graphs is not None:
+            yield from self._graphs
+            return
+        gen = self._mc_generator()
+        residuals, kept = [], []
+        for i, (x, y) in enumerate(self.batches):
+            if self._keep is None:
+                g, nbytes = graph_bytes(self._build, i, x, y, gen)
+                self._keep = self.keep_graphs(nbytes / x.shape[0])
+            else:
+                g = self._build(i, x, y, gen)
+            if "res" in g and self.fisher_type == "mc":
+                residuals.append(g["res"])
+            if self._keep:
+                kept.append(g)
+            yield g
+        self._residuals = residuals
+        if self._keep:
+            self._graphs = kept
 
     def _build(self, i: int, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict:
-        ps = self._aliases()
-        weight = x.shape[0] / self.local_num_samples
+        ps = [p.detach().requires_grad_() for p in self.params]
+        W = self.normaliser
+        out = self.forward_batch(i, self._state(ps), x)
         if self.curvature == "hessian":
-            loss = self.loss_fn(self._forward(ps, x), y)
-            self._check_finite(loss, i)
-            return {"ps": ps, "w": weight, "grads": _grad(loss, ps, create_graph=True)}
-        out = self._forward(ps, x)
+            loss = self.loss.summed(out, y) / W
+            finite_or_raise(loss, f"batch {i}")
+            return {"ps": ps, "grads": _grad(loss, ps, create_graph=True)}
         out_d = out.detach().requires_grad_()
-        loss = self.loss_fn(out_d, y)
-        self._check_finite(loss, i)
+        loss = self.loss.summed(out_d, y) / W
+        finite_or_raise(loss, f"batch {i}")
         g_out = _grad(loss, out_d, create_graph=True)[0]
         u = torch.zeros_like(out, requires_grad=True)
         entry = {
-            "ps": ps,
-            "w": weight,
-            "out": out,
-            "out_d": out_d,
-            "g_out": g_out,
-            "u": u,
+            "ps": ps, "out": out, "out_d": out_d, "g_out": g_out, "u": u,
             "jtu": _grad(out, ps, grad_outputs=u, create_graph=True),
         }
-        if self.curvature == "ef":  # true-label output gradients of each sample's loss
-            entry["res"] = (out.shape[0] * g_out.detach()).reshape(1, out.shape[0], -1)
+        n = out.shape[0]
+        if self.curvature == "ef":  # g_n = N J_n^T g_out_n: EF v = N sum_n J^T g g^T J v
+            entry["res"], entry["scale"] = g_out.detach().reshape(1, n, -1), self.num_samples
         elif self.fisher_type == "mc":
             entry["res"] = sample_residuals(self.kind, out_d, self.mc_samples, gen)
-            self._residuals.append(entry["res"])
+            entry["scale"] = 1.0 / W
         return entry
 
-    def _preserve_rng(self):
-        """The forward passes (dropout) must not advance the user's global RNG."""
-        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
-
-    @staticmethod
-    def _check_finite(loss: torch.Tensor, i: int) -> None:
-        if not torch.isfinite(loss):
-            raise NumericalError(f"the loss is {loss.item()} on batch {i}; check data and model")
-
     # ------------------------------------------------------------------ products
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
-        graphs = self._graphs()
-        cols = []
-        for j in range(V.shape[1]):
-            vs = unflatten(V[:, j], self.params)
-            if len(graphs) == 1:  # one batch: its mean is the whole product (weight 1)
-                cols.append(flatten(self._graph_product(graphs[0], vs)))
-            else:
-                cols.append(sum(g["w"] * flatten(self._graph_product(g, vs)) for g in graphs))
-        return torch.stack(cols, dim=1)
+    def _local_matvec(self, V: torch.Tensor) -> torch.Tensor:
+        total = None
+        for g in self._iter_graphs():
+            cols = torch.stack(
+                [flatten(self._graph_product(g, unflatten(V[:, j], self.params)))
+                 for j in range(V.shape[1])],
+                dim=1,
+            )
+            total = cols if total is None else total.add_(cols)
+        return total
 
     def _graph_product(self, g: dict, vs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if self.curvature == "hessian":
             return _grad(g["grads"], g["ps"], grad_outputs=vs)
         jv = _grad(g["jtu"], g["u"], grad_outputs=vs)[0]
         if "res" in g:
-            z = _factor_product(g["res"], jv)
+            z = _factor_product(g["res"], jv, g["scale"])
         else:
             z = _grad(g["g_out"], g["out_d"], grad_outputs=jv)[0]
         return _grad(g["out"], g["ps"], grad_outputs=z)
 
     # ------------------------------------------------------------------ groups
-    def _all_data(self):
-        """All samples concatenated, with MC residuals as [M, N, D] when they apply."""
-        x = torch.cat([b[0] for b in self.batches])
-        y = torch.cat([b[1] for b in self.batches])
+    def _batch_masks(self) -> list[torch.Tensor]:
+        """The dropout masks of every batch's forward (replayed on sample subsets), each
+        concatenated over batches: [N, ...] per stochastic-layer call."""
+        if self._masks is None:
+            if not self.view.stochastic():
+                self._masks = []
+            else:
+                per_batch = []
+                with torch.no_grad():
+                    for i, (x, _) in enumerate(self.batches):
+                        tape = MaskTape()
+                        self.forward_batch(i, {}, x, tape=tape)
+                        per_batch.append(tape.masks)
+                self._masks = [torch.cat(ms) for ms in zip(*per_batch)]
+        return self._masks
+
+    def _samples(self):
+        """All samples, their dropout masks and (MC Fisher) sampled residuals."""
+        x, y = self.concatenated()
         res = None
         if self.fisher_type == "mc":
-            self._graphs()  # draws the labels for the current weights
+            if self._residuals is None:
+                for _ in self._iter_graphs():  # draws the labels for the current weights
+                    pass
             res = torch.cat(self._residuals, dim=1)
-        return x, y, res
+        return x, y, self._batch_masks(), res
 
-    def _group_fn(self):
-        """f(x_g, y_g, r_g, v) -> curvature of the group's mean loss times v (flat).
-
-        Second derivatives are reverse-over-reverse: forward-over-reverse hits immutable
-        ZeroTensors in some losses' double backward (MSELoss) under torch.func.
-        """
+    def _group_fn(self, group_size: int):
+        """f(x_g, y_g, masks_g, r_g, v) -> flat curvature of one group times v, scaled so
+        rows average to the full product (reverse-over-reverse second derivatives:
+        forward-over-reverse hits immutable ZeroTensors in MSELoss under torch.func)."""
         primals = tuple(p.detach() for p in self.params)
+        scale = self.sample_scale / group_size
 
-        def product(x, y, r, v):
+        def forward(ps, x, masks):
+            return self.view.forward(self._state(ps), x, tape=MaskTape(replay=masks))
+
+        def product(x, y, masks, r, v):
             vs = tuple(unflatten(v, self.params))
             if self.curvature == "hessian":
 
                 def directional(ps):  # v^T grad L(ps); its gradient is H v
-                    g = grad(lambda q: self.loss_fn(self._forward(q, x), y))(ps)
+                    g = grad(lambda q: scale * self.loss.summed(forward(q, x, masks), y))(ps)
                     return sum((gi * vi).sum() for gi, vi in zip(g, vs))
 
                 return flatten(grad(directional)(primals))
-            out, jv = jvp(lambda ps: self._forward(ps, x), (primals,), (vs,))
-            n = out.shape[0]
+            out, jv = jvp(lambda ps: forward(ps, x, masks), (primals,), (vs,))
             if self.curvature == "ef":
-                r = (n * grad(lambda o: self.loss_fn(o, y))(out)).reshape(1, n, -1)
-            if r is None:  # GGN, type-2 Fisher: H_out (J v)
-                z = grad(lambda o: (grad(lambda q: self.loss_fn(q, y))(o) * jv).sum())(out)
+                g_out = grad(lambda o: self.loss.summed(o, y))(out)
+                z = _factor_product(g_out[None], jv, scale * self.sample_scale)
+            elif r is not None:
+                z = _factor_product(r, jv, scale)
             else:
-                z = _factor_product(r, jv)
-            _, pullback = vjp(lambda ps: self._forward(ps, x), primals)
+                z = grad(lambda o: (grad(lambda q: scale * self.loss.summed(q, y))(o) * jv).sum())(
+                    out
+                )
+            _, pullback = vjp(lambda ps: forward(ps, x, masks), primals)
             return flatten(pullback(z)[0])
 
         return product
 
-    def _group_matvecs(self, v: torch.Tensor, group_size: int) -> torch.Tensor:
-        x, y, res = self._all_data()
+    def _group_matvecs(self, V: torch.Tensor, group_size: int) -> torch.Tensor:
+        x, y, masks, res = self._samples()
         n_groups = self.local_num_samples // group_size
         used = n_groups * group_size
-        xg = x[:used].reshape(n_groups, group_size, *x.shape[1:])
-        yg = y[:used].reshape(n_groups, group_size, *y.shape[1:])
-        rg = None
-        if res is not None:  # [M, N, D] -> [G, M, B, D]
-            rg = res[:, :used].reshape(res.shape[0], n_groups, group_size, -1).transpose(0, 1)
-        fn = self._group_fn()
-        in_dims = (0, 0, None if rg is None else 0, None)
-        return self._vectorized(fn, in_dims, (xg, yg, rg, v), n_groups)
+
+        def grouped(t):
+            return t[:used].reshape(n_groups, group_size, *t.shape[1:])
+
+        args = [grouped(x), grouped(y), [grouped(m) for m in masks], None]
+        if res is not None:  # [M, N, D] -> [G, M, g, D]
+            args[3] = res[:, :used].reshape(res.shape[0], n_groups, group_size, -1).transpose(0, 1)
+        fn = self._group_fn(group_size)
+        in_dims = (0, 0, 0, None if res is None else 0)
+        return self._mapped(
+            lambda v: vmap(fn, in_dims=(*in_dims, None), chunk_size=self.chunk_size,
+                           randomness="error")(*args, v),
+            lambda v: torch.stack([fn(*_index(args, in_dims, i), v) for i in range(n_groups)]),
+            V,
+        )
 
     def per_sample_gradients(self) -> torch.Tensor:
-        """[N, P]: gradients of each sample's loss (their mean is the full gradient)."""
-        x, y, _ = self._all_data()
+        """[N, P]: per-sample gradients g_n = (N / W) grad c_n, whose mean is the gradient
+        of the loss (for a plain mean loss, the gradient of each sample's loss)."""
+        self._current()
+        coupled = self.view.batch_coupled()
+        if coupled:
+            raise UnsupportedModelError(
+                f"per-sample gradients are undefined under train-mode BatchNorm "
+                f"({', '.join(coupled[:3])}); call model.eval() or use mode='eval'"
+            )
+        x, y, masks, _ = self._samples()
         primals = tuple(p.detach() for p in self.params)
+        scale = self.sample_scale
 
-        def sample_grad(xi, yi):
+        def sample_grad(xi, yi, mi):
             def loss_of(ps):
-                return self.loss_fn(self._forward(ps, xi[None]), yi[None])
+                out = self.view.forward(
+                    self._state(ps), xi[None], tape=MaskTape(replay=[m[None] for m in mi])
+                )
+                return scale * self.loss.summed(out, yi[None])
 
             return flatten(grad(loss_of)(primals))
 
-        return self._vectorized(sample_grad, (0, 0), (x, y), x.shape[0])
+        with self._backend_errors("computing per-sample gradients"):
+            rows = self._mapped(
+                lambda _: vmap(sample_grad, randomness="error")(x, y, masks),
+                lambda _: torch.stack(
+                    [sample_grad(x[i], y[i], [m[i] for m in masks]) for i in range(x.shape[0])]
+                ),
+                None,
+            )
+        return rows
 
-    def _vectorized(self, fn, in_dims, args, n: int) -> torch.Tensor:
-        """``fn`` mapped over the leading dimension of the args with ``in_dims`` 0: vmap, or
-        a loop over the same function when the model cannot be vmapped (BatchNorm in train
-        mode, dropout, ...); the first failure warns once and switches to the loop."""
-        if self.vectorize is not False:
+    def _mapped(self, vectorized, looped, V):
+        """Run ``vectorized`` (vmapped over probe rows of V, if given) or, when vmap cannot
+        handle the model, ``looped`` for each probe: decided once per model."""
+        if self._vmap.ok is not False:
             try:
-                with self._preserve_rng():
-                    return vmap(fn, in_dims=in_dims, chunk_size=self.chunk_size)(*args)
+                out = vmap(vectorized)(V) if V is not None else vectorized(None)
+            except UnsupportedModelError:
+                raise
             except Exception as exc:
-                if self.vectorize:
+                if "randomness" in str(exc):
                     raise UnsupportedModelError(
-                        f"torch.func.vmap cannot vectorize this model ({exc}); use vectorize=False"
+                        "the model draws random numbers in train mode outside nn.Dropout "
+                        "layers (e.g. a functional dropout or a recurrent layer's dropout), so "
+                        "per-sample and per-group products cannot reuse the whole batch's "
+                        "masks; call model.eval() or build the estimator with mode='eval'"
+                    ) from exc
+                if self._vmap.ok:
+                    raise UnsupportedModelError(
+                        f"torch.func.vmap cannot vectorize this model ({type(exc).__name__}: "
+                        f"{exc}); use vectorize=False"
                     ) from exc
                 warnings.warn(
                     f"vmap failed ({type(exc).__name__}: {exc}); looping over samples/groups "
-                    "from now on",
+                    "for this model from now on",
                     CurvlabWarning,
-                    stacklevel=4,
+                    stacklevel=5,
                 )
-                self.vectorize = False
-        with self._preserve_rng():
-            rows = [
-                fn(*(a if d is None else a[i] for a, d in zip(args, in_dims))) for i in range(n)
-            ]
-        return torch.stack(rows)
+                self._vmap.ok = False
+            else:
+                self._vmap.ok = True
+                return out
+        if V is None:
+            return looped(None)
+        return torch.stack([looped(v) for v in V])
 
 
-def _factor_product(r: torch.Tensor, jv: torch.Tensor) -> torch.Tensor:
-    """Output-space product of the factor form (1/n) sum_n mean_m r_mn r_mn^T with J v.
+def _index(args, in_dims, i):
+    """The i-th slice of each mapped argument (lists of tensors are mapped element-wise)."""
+    out = []
+    for a, d in zip(args, in_dims):
+        if d is None or a is None:
+            out.append(a)
+        elif isinstance(a, list):
+            out.append([t[i] for t in a])
+        else:
+            out.append(a[i])
+    return out
 
-    r: [M, n, D] per-sample gradient factors (sampled labels or true labels); jv: J v.
-    """
+
+def _factor_product(r: torch.Tensor, jv: torch.Tensor, scale: float) -> torch.Tensor:
+    """Output-space product scale * sum_n mean_m r_mn r_mn^T (J v)_n for factors r [M, n, D]."""
     n = jv.shape[0]
     coeff = (r * jv.reshape(1, n, -1)).sum(-1, keepdim=True)
-    return ((r * coeff).mean(0) / n).reshape(jv.shape)
+    return (scale * (r * coeff).mean(0)).reshape(jv.shape)

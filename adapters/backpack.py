@@ -1,10 +1,14 @@
 """BackPACK 1.7 behind the curvlab interface (DESIGN.md section 5).
 
 BackPACK's ``extend()`` installs hooks that cannot be undone publicly, so the adapter never
-touches the user's module: it works on two private copies that share one set of weight
-tensors, refreshed from the user's parameters, buffers and train/eval flags whenever those
-change (an optimizer step), and it keeps the hook handles out of BackPACK's global list so
+touches the user's module: it works on two private hook-free copies (the user's own hooks,
+kfac-pytorch's or another BackPACK's, are not carried over) that share one set of weight
+tensors, refreshed by name from the user's parameters, buffers and train/eval flags
+whenever those change, and it keeps the hook handles out of BackPACK's global list so
 another BackPACK user calling ``CTX.remove_hooks()`` cannot break it (laplace-torch #122).
+Batch ``i`` runs under ``torch.manual_seed(seed + i)`` in a forked RNG, as on every backend.
+Products need no extension and work for any model; the extensions refuse what BackPACK
+cannot do (train-mode BatchNorm, modules called twice in one forward, unsupported layers).
 
 - ``_net``: plain copy for matrix-free products with ``backpack.hessianfree``
   (``hessian_vector_product``, ``ggn_vector_product_from_plist``) on a graph cached per batch.
@@ -17,7 +21,7 @@ Conventions match the autograd reference: for a mean loss L = N^-1 sum_n l_n (ba
 n_b samples), BackPACK's individual quantities of a batch are those of l_n / n_b, so they
 are scaled by n_b; products, diagonals and factors average over all batches with weights
 n_b / N. The type-2 Fisher equals the GGN for MSE/CE/BCE; ``fisher_type="mc"`` uses
-BackPACK's Monte-Carlo square root with labels drawn once from a seeded RNG (the user's
+BackPACK's Monte-Carlo square root with labels drawn from the seeded RNG (the user's
 global RNG state is left as found), so matvec, diagonal and per-sample products describe
 one fixed matrix.
 
@@ -45,15 +49,15 @@ from torch import nn
 
 from curvlab import distributed as dist
 from curvlab._params import flatten, unflatten
-from curvlab._random import Seed, seed_int
+from curvlab._random import Seed
 from curvlab.errors import (
     InvalidInputError,
     UnsupportedCapabilityError,
     UnsupportedModelError,
 )
-from curvlab.estimator import CurvatureEstimator
-
-from ._losses import SUPPORTED, check_reduction, check_scalar_mean_loss, loss_kind
+from curvlab.estimator import CurvatureEstimator, graph_bytes
+from curvlab.losses import LIKELIHOOD_LOSSES
+from curvlab.model_view import hook_free_copy, no_global_hooks, seeded_rng
 
 _ALTERNATIVE = "use backend 'autograd', which handles any differentiable model and loss"
 _DIAGONAL_KINDS = {
@@ -65,7 +69,10 @@ _KRONECKER_KINDS = {"kfac": bpx.KFAC, "kflr": bpx.KFLR, "kfra": bpx.KFRA}
 
 
 def _is_plain_sequential(model: nn.Module) -> bool:
-    """A Sequential tree of leaf modules: BackPACK's hooks see every operation."""
+    """A leaf module, or a Sequential tree of leaf modules: BackPACK's hooks see every
+    operation."""
+    if not list(model.children()):
+        return True
     return isinstance(model, nn.Sequential) and all(
         isinstance(m, nn.Sequential) or not list(m.children()) for m in model.modules()
     )
@@ -83,6 +90,23 @@ def _strip_backpack_hooks(module: nn.Module) -> None:
 
 def _op_name(target) -> str:
     return getattr(target, "__name__", str(target))
+
+
+def _graph_problem(ext: nn.Module, model: nn.Module) -> str | None:
+    """After conversion every operation must be a module call BackPACK can see."""
+    graph = BackpackTracer().trace(ext)
+    bad = [
+        f"{n.op} {_op_name(n.target)}"
+        for n in graph.nodes
+        if n.op not in ("call_module", "placeholder", "output")
+    ]
+    if not bad:
+        return None
+    return (
+        f"BackPACK cannot see the operations {', '.join(bad)} in the forward of "
+        f"{type(model).__name__} (only module calls, additions and scalings pass its "
+        f"converter): write them as modules (e.g. nn.Tanh); products work, or {_ALTERNATIVE}"
+    )
 
 
 @contextmanager
@@ -127,54 +151,65 @@ class BackpackEstimator(CurvatureEstimator):
         *,
         fisher_type: str = "type-2",
         mc_samples: int = 1,
-        seed: Seed = 0,
         use_converter: bool | None = None,
+        mode: str | None = None,
+        seed: Seed = 0,
+        cache: bool | str = "auto",
         distributed: bool | None = None,
     ):
-        super().__init__(model, loss_fn, data, curvature, params, distributed=distributed)
+        super().__init__(
+            model, loss_fn, data, curvature, params,
+            mode=mode, seed=seed, cache=cache, distributed=distributed,
+        )
         if fisher_type not in ("type-2", "mc"):
             raise InvalidInputError(f"fisher_type must be 'type-2' or 'mc', got {fisher_type!r}")
-        if not isinstance(mc_samples, int) or mc_samples < 1:
+        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
             raise InvalidInputError(f"mc_samples must be a positive int, got {mc_samples!r}")
-        self.kind = loss_kind(loss_fn)
-        if self.kind is None:
+        if self.loss.kind is None or self.sample_scale != 1.0:
             raise UnsupportedModelError(
-                f"BackPACK's second-order extensions support only {SUPPORTED} modules "
-                f"(no class weights, no label smoothing), got {type(loss_fn).__name__}; "
-                + _ALTERNATIVE
+                f"BackPACK's extensions support only {LIKELIHOOD_LOSSES} modules with [N, C] "
+                "outputs (no class weights, label smoothing or ignored labels), got "
+                f"{type(loss_fn).__name__}; " + _ALTERNATIVE
             )
-        check_reduction(loss_fn)
+        self.kind = self.loss.kind
         self.fisher_type = fisher_type if curvature == "fisher" else None
         self.mc_samples = mc_samples
-        self.seed = seed_int(seed)
         self.use_converter = (
-            not _is_plain_sequential(model) if use_converter is None else bool(use_converter)
+            not _is_plain_sequential(self.model) if use_converter is None else bool(use_converter)
         )
-        self._build_copies(model, loss_fn)
-        self._state = None
-        self._cache: dict = {}
-        self._sync()
-        self._check_loss()
-        self._check_supported(self._construction_extension())
+        self._ext_problem: str | None = None
+        with self._backend_errors("building BackPACK's private copies"):
+            self._build_copies(self.model, loss_fn)
+        self.release()
+        self._reused = self._modules_called_twice()
+        if self.kind == "bce" and self._output_size() != 1:
+            raise UnsupportedModelError(
+                "BackPACK supports BCEWithLogitsLoss only with one output per sample, got "
+                f"{self._output_size()}; {_ALTERNATIVE}"
+            )
 
     # ------------------------------------------------------------------ private copies
     def _build_copies(self, model: nn.Module, loss_fn) -> None:
-        memo: dict = {}
+        """Two private copies without the user's hooks that share one set of weights: a
+        plain one for products and a BackPACK-extended one for the extensions."""
+        chosen = {id(p) for p in self.params}
+        net, _ = hook_free_copy(
+            model,
+            parameter=lambda p: nn.Parameter(p.detach().clone(), requires_grad=id(p) in chosen),
+            buffer=lambda b: b.detach().clone(),
+            functional_layers=False,
+        )
+        _strip_backpack_hooks(net)
+        loss = copy.deepcopy(loss_fn)
+        _strip_backpack_hooks(loss)
+        shared = {id(t): t for t in (*net.parameters(), *net.buffers())}
         try:
-            net = copy.deepcopy(model, memo)
-            loss = copy.deepcopy(loss_fn)
+            ext = copy.deepcopy(net, shared)
         except Exception as exc:
             raise UnsupportedModelError(
                 f"BackPACK needs a private copy of the model, but copy.deepcopy failed ({exc}); "
                 + _ALTERNATIVE
             ) from exc
-        _strip_backpack_hooks(net)
-        _strip_backpack_hooks(loss)
-        chosen = {id(memo[id(p)]) for p in self.params}
-        for p in net.parameters():
-            p.requires_grad_(id(p) in chosen)
-        shared = {id(t): t for t in (*net.parameters(), *net.buffers())}
-        ext = copy.deepcopy(net, shared)
         ext_loss = copy.deepcopy(loss)
         n_handles = len(CTX.hook_handles)
         with warnings.catch_warnings():
@@ -183,122 +218,132 @@ class BackpackEstimator(CurvatureEstimator):
                 try:
                     ext = bp.extend(ext, use_converter=True)
                 except Exception as exc:
-                    raise UnsupportedModelError(
+                    self._ext_problem = (
                         f"BackPACK's converter cannot translate {type(model).__name__} into "
-                        f"modules ({type(exc).__name__}: {exc}); {_ALTERNATIVE}"
-                    ) from exc
+                        f"modules ({type(exc).__name__}: {exc}); products work, or {_ALTERNATIVE}"
+                    )
+                    ext = None
             else:
                 for m in ext.modules():
                     if not list(m.children()):
                         bp.extend(m)
             bp.extend(ext_loss)
         del CTX.hook_handles[n_handles:]  # our hooks live and die with our private copies
-        if self.use_converter:
-            self._check_graph(ext, model)
         self._net, self._loss, self._ext, self._ext_loss = net, loss, ext, ext_loss
-        self._copies = [memo[id(p)] for p in self.params]
+        self._copies = [net.get_parameter(n) for n in self.param_names]
+        if ext is None:
+            ext = net
+        elif self.use_converter:
+            self._ext_problem = _graph_problem(ext, model)
         ext_ids = {id(p) for p in ext.parameters()}
         lost = [n for n, p in zip(self.param_names, self._copies) if id(p) not in ext_ids]
-        if lost:
-            raise UnsupportedModelError(
+        if lost and self._ext_problem is None:
+            self._ext_problem = (
                 f"BackPACK's converter dropped {', '.join(lost)} (parameters the forward does "
                 f"not use are removed); pass params= without them, or {_ALTERNATIVE}"
             )
-        self._tensor_pairs = [
-            (t, memo[id(t)]) for t in (*model.parameters(), *model.buffers())
-        ]
-        self._module_pairs = [
-            (m, [memo[id(m)], shared[id(memo[id(m)])]]) for m in model.modules()
+        # the deepcopy memo maps each module of the plain copy to its extended twin (the
+        # converter keeps those module objects), so both follow the user's flags
+        self._copy_modules = [
+            (n, [m] + ([shared[id(m)]] if id(m) in shared else []))
+            for n, m in net.named_modules()
         ]
 
-    @staticmethod
-    def _check_graph(ext: nn.Module, model: nn.Module) -> None:
-        """After conversion every operation must be a module call BackPACK can see."""
-        graph = BackpackTracer().trace(ext)
-        bad = [
-            f"{n.op} {_op_name(n.target)}"
-            for n in graph.nodes
-            if n.op not in ("call_module", "placeholder", "output")
-        ]
-        if bad:
-            raise UnsupportedModelError(
-                f"BackPACK cannot see the operations {', '.join(bad)} in the forward of "
-                f"{type(model).__name__} (only module calls, additions and scalings pass its "
-                f"converter): write them as modules (e.g. nn.Tanh) or {_ALTERNATIVE}"
+    def _modules_called_twice(self) -> list[str]:
+        """Modules with parameters called more than once in one forward: BackPACK's
+        extensions cannot handle them (products can)."""
+        counts: dict[str, int] = {}
+        handles = [
+            m.register_forward_pre_hook(
+                lambda mod, args, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)
             )
+            for name, m in self._net.named_modules()
+            if any(True for _ in m.parameters(recurse=False))
+        ]
+        try:
+            self._sync()
+            x = self.batches[0][0]
+            with torch.no_grad(), seeded_rng(self.batch_seed(0), self.device), no_global_hooks():
+                self._net(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return sorted(name for name, c in counts.items() if c > 1)
+
+    def _output_size(self) -> int:
+        x, _ = self.batches[0]
+        with torch.no_grad(), seeded_rng(self.batch_seed(0), self.device), no_global_hooks():
+            return self._net(x[:1])[0].numel()
 
     def _sync(self) -> None:
-        """Copy the user's weights, buffers and modes into the private copies if they changed."""
-        state = (self._model_version(), tuple(m.training for m, _ in self._module_pairs))
-        if state == self._state:
+        """Copy the user's weights, buffers and train/eval flags into the private copies
+        (by name: parameter objects may have been replaced) when they changed."""
+        if self._synced:
             return
         with torch.no_grad():
-            for src, dst in self._tensor_pairs:
-                dst.copy_(src)
-        for m, copies in self._module_pairs:
+            mine = dict(self._net.named_parameters())
+            for name, p in self.model.named_parameters():
+                mine[name].copy_(p)
+            mine = dict(self._net.named_buffers())
+            for name, b in self.model.named_buffers():
+                mine[name].copy_(b)
+        modules = dict(self.model.named_modules())
+        for name, copies in self._copy_modules:
+            flag = modules[name].training if self.mode is None else self.mode == "train"
             for c in copies:
-                c.training = m.training
-        self._state = state
-        self._cache = {}
+                c.training = flag
+        self._synced = True
 
-    def _check_loss(self) -> None:
-        x, y = self.batches[0]
-        with torch.no_grad(), self._rng():
-            out = self._net(x)
-            check_scalar_mean_loss(self._loss, out, y)
-        if self.kind == "bce" and out[0].numel() != 1:
-            raise UnsupportedModelError(
-                "BackPACK supports BCEWithLogitsLoss only with one output per sample, got "
-                f"{out[0].numel()}; {_ALTERNATIVE}"
+    def _extension_problem(self, extension) -> str | None:
+        """Why BackPACK's ``extension`` cannot run on this model now (None if it can):
+        conversion failures, modules called twice in one forward, train-mode BatchNorm and
+        modules the extension has no rule for."""
+        if self._ext_problem is not None:
+            return self._ext_problem
+        name = type(extension).__name__
+        if self._reused:
+            return (
+                f"BackPACK's {name} cannot handle modules called more than once in a forward "
+                f"pass ({', '.join(self._reused)}); products work, or {_ALTERNATIVE}"
             )
-
-    def _construction_extension(self):
-        if self.curvature == "hessian":
-            return bpx.DiagHessian()
-        if self.curvature == "ef":
-            return bpx.BatchGrad()
-        return bpx.DiagGGNExact()
-
-    def _check_supported(self, extension) -> None:
-        """Refuse modules the extension has no rule for, and train-mode BatchNorm."""
+        self._sync()
         table = extension._BackpropExtension__module_extensions
         second_order = extension.expects_backpropagation_quantities()
-        name = type(extension).__name__
         chosen = {id(p) for p in self._copies}
         for path, m in [*self._ext.named_modules(), ("loss", self._ext_loss)]:
             if is_no_op(m) or list(m.children()):  # containers carry no hooks
                 continue
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-                raise UnsupportedModelError(
-                    f"BackPACK cannot handle BatchNorm in training mode ('{path}' mixes the "
-                    "samples of a batch): call model.eval() first, or " + _ALTERNATIVE
+                return (
+                    f"BackPACK's {name} cannot handle BatchNorm in training mode ('{path}' mixes "
+                    "the samples of a batch): call model.eval() first, build the estimator with "
+                    "mode='eval', or " + _ALTERNATIVE
                 )
             has_params = any(id(p) in chosen for p in m.parameters(recurse=False))
             if (second_order or has_params) and type(m) not in table:
-                raise UnsupportedModelError(
+                return (
                     f"BackPACK's {name} does not support module '{path}' "
                     f"({type(m).__name__}); {_ALTERNATIVE}"
                 )
+        return None
+
+    def _check_supported(self, extension) -> None:
+        problem = self._extension_problem(extension)
+        if problem is not None:
+            raise UnsupportedModelError(problem)
 
     # ------------------------------------------------------------------ extension passes
-    @contextmanager
-    def _rng(self):
-        """A seeded global RNG for BackPACK's sampling; the user's RNG state is restored."""
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed)
-            yield
-
     def _run(self, make_extension) -> list[tuple[int, list[torch.Tensor | None]]]:
         """One backward pass per batch with a fresh extension: [(n_b, per-parameter values)]."""
+        self._current()
         self._sync()
         self._check_supported(make_extension())
         results = []
-        with self._rng(), _quiet():
-            for x, y in self.batches:
+        with _quiet(), no_global_hooks():
+            for i, (x, y) in enumerate(self.batches):
                 extension = make_extension()
                 try:
-                    with bp.backpack(extension):
+                    with bp.backpack(extension), seeded_rng(self.batch_seed(i), self.device):
                         self._ext_loss(self._ext(x), y).backward()
                 except (NotImplementedError, AssertionError) as exc:
                     raise UnsupportedModelError(
@@ -415,62 +460,96 @@ class BackpackEstimator(CurvatureEstimator):
     # ------------------------------------------------------------------ contract
     @property
     def capabilities(self) -> frozenset[str]:
+        """What this estimator can do for the model as it is now (BackPACK's extensions
+        depend on the layers and on train/eval mode)."""
+        self._current()
+        caps = set(self.base_capabilities)
         if self.curvature == "hessian":
-            return self.base_capabilities - {"group_matvecs"}
-        return self.base_capabilities
+            caps.discard("group_matvecs")
+        needs = {
+            "diagonal": self._diagonal_extension(),
+            "per_sample_gradients": bpx.BatchGrad(),
+            "per_sample_diagonal": bpx.DiagGGNExact(),
+            "kronecker_factors": bpx.KFLR(),
+            "group_matvecs": bpx.BatchGrad() if self.curvature == "ef" else bpx.SqrtGGNExact(),
+        }
+        for cap, extension in needs.items():
+            if cap in caps and self._extension_problem(extension) is not None:
+                caps.discard(cap)
+        return frozenset(caps)
+
+    def _diagonal_extension(self):
+        if self.curvature == "ef":
+            return bpx.SumGradSquared()
+        if self.curvature == "hessian":
+            return bpx.DiagHessian()
+        return bpx.DiagGGNMC(self.mc_samples) if self.fisher_type == "mc" else bpx.DiagGGNExact()
 
     def release(self) -> None:
-        self._cache = {}
+        self._cache: dict = {}
+        self._synced = False
+        self._keep: bool | None = getattr(self, "_keep", None)
 
-    def _graphs(self) -> list[tuple[float, torch.Tensor, torch.Tensor, tuple | None]]:
-        """Cached per-batch (weight, loss, output, gradients) on the plain private copy."""
+    def _graph(self, i: int) -> tuple[float, torch.Tensor, torch.Tensor, tuple | None]:
+        """(weight n_b / N, loss, output, gradients) of batch ``i`` on the plain copy."""
+        x, y = self.batches[i]
+        with seeded_rng(self.batch_seed(i), self.device), no_global_hooks():
+            out = self._net(x)
+        loss = self._loss(out, y)
+        grads = None
+        if self.curvature == "hessian":
+            grads = torch.autograd.grad(
+                loss, self._copies, create_graph=True, materialize_grads=True
+            )
+        return x.shape[0] / self.num_samples, loss, out, grads
+
+    def _iter_graphs(self):
+        """Per-batch graphs: cached, or built one at a time (``cache``)."""
         self._sync()
-        if "graphs" not in self._cache:
-            graphs = []
-            for x, y in self.batches:
-                with self._rng():
-                    out = self._net(x)
-                loss = self._loss(out, y)
-                grads = None
-                if self.curvature == "hessian":
-                    grads = torch.autograd.grad(
-                        loss, self._copies, create_graph=True, materialize_grads=True
-                    )
-                graphs.append((x.shape[0] / self.local_num_samples, loss, out, grads))
-            self._cache["graphs"] = graphs
-        return self._cache["graphs"]
+        if "graphs" in self._cache:
+            yield from self._cache["graphs"]
+            return
+        kept = []
+        for i, (x, _) in enumerate(self.batches):
+            if self._keep is None:
+                g, nbytes = graph_bytes(self._graph, i)
+                self._keep = self.keep_graphs(nbytes / x.shape[0])
+            else:
+                g = self._graph(i)
+            if self._keep:
+                kept.append(g)
+            yield g
+        if self._keep:
+            self._cache["graphs"] = kept
 
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+    def _local_matvec(self, V: torch.Tensor) -> torch.Tensor:
         if self.curvature == "ef":
             g = self._gradients()
-            return g.T @ (g @ V) / self.local_num_samples
+            return g.T @ (g @ V) / self.num_samples
         if self.fisher_type == "mc":
             return sum(
-                (n / self.local_num_samples) * s.reshape(-1, s.shape[-1]).T
+                (n / self.num_samples) * s.reshape(-1, s.shape[-1]).T
                 @ (s.reshape(-1, s.shape[-1]) @ V)
                 for n, s in self._sqrt_factors()
             )
-        graphs = self._graphs()
-        cols = []
-        for j in range(V.shape[1]):
-            vs = unflatten(V[:, j], self.params)
-            total = None
-            for w, loss, out, grads in graphs:
+        total = None
+        for w, loss, out, grads in self._iter_graphs():
+            cols = []
+            for j in range(V.shape[1]):
+                vs = unflatten(V[:, j], self.params)
                 if grads is None:
                     prod = ggn_vector_product_from_plist(loss, out, self._copies, vs)
                 else:
                     prod = hessian_vector_product(loss, self._copies, vs, grad_params=grads)
-                prod = flatten(prod)
-                if len(graphs) == 1:
-                    total = prod
-                elif total is None:
-                    total = w * prod
-                else:
-                    total.add_(prod, alpha=w)
-            cols.append(total)
-        return cols[0][:, None] if len(cols) == 1 else torch.stack(cols, dim=1)
+                cols.append(flatten(prod))
+            block = torch.stack(cols, dim=1).mul_(w)
+            total = block if total is None else total.add_(block)
+        return total
 
-    def _group_matvecs(self, v: torch.Tensor, group_size: int) -> torch.Tensor:
+    def _group_matvecs(self, V: torch.Tensor, group_size: int) -> torch.Tensor:
+        return torch.stack([self._group_rows(v, group_size) for v in V])
+
+    def _group_rows(self, v: torch.Tensor, group_size: int) -> torch.Tensor:
         if self.curvature == "hessian":
             raise UnsupportedCapabilityError(
                 "BackPACK has no per-sample Hessian products (only per-sample Hessian "

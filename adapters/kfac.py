@@ -29,10 +29,12 @@ the autograd backend's where KFAC is exact). curvlinops scales the empirical Fis
 MSELoss/BCEWithLogitsLoss by the output size C relative to (1/N) sum_n g_n g_n^T; this
 adapter divides it back out.
 
-The factor computation runs the user's model with curvlinops' temporary hooks; hooks are
-removed and buffers (BatchNorm statistics) restored even when it fails, ``.grad`` is never
-written, and the train/eval mode is left alone. :func:`kronecker_factors` and
-:func:`precondition` are shared with :class:`curvlab.optim.KFAC`.
+The estimator runs curvlinops on its hook-free view of the model (:mod:`curvlab.model_view`):
+curvlinops' temporary hooks go on the view, the user's hooks never fire, buffers and
+``.grad`` of the user's model are never written, and batch ``i`` runs under the estimator's
+seed ``seed + i``. A parameter used by two layers (tied weights) would sit in two Kronecker
+blocks and is refused. :func:`kronecker_factors` and :func:`precondition` are shared with
+:class:`curvlab.optim.KFAC`.
 """
 
 from __future__ import annotations
@@ -47,16 +49,17 @@ import torch
 from torch import nn
 
 from curvlab._params import flatten, unflatten
-from curvlab._random import Seed, seed_int
+from curvlab._random import Seed
 from curvlab.errors import (
+    CurvlabError,
     InvalidInputError,
     NumericalError,
     UnsupportedCapabilityError,
     UnsupportedModelError,
 )
 from curvlab.estimator import CurvatureEstimator
-
-from ._losses import SUPPORTED, check_reduction, loss_kind
+from curvlab.losses import LIKELIHOOD_LOSSES, LossSpec
+from curvlab.model_view import seeded_rng
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
 _HOOK_DICTS = (
@@ -138,7 +141,24 @@ def kfac_blocks(
 ) -> list[KroneckerBlock]:
     """The Kronecker blocks of ``params`` (all Linear/Conv2d weights or biases)."""
     mapping = _curvlinops().KFACLinearOperator.compute_parameter_mapping(list(params), model)
+    _refuse_shared(mapping)
     return layer_blocks(mapping, separate_weight_and_bias)
+
+
+def _refuse_shared(mapping: dict[str, dict[str, int]]) -> None:
+    """A parameter in two Kronecker blocks (tied weights) has no Kronecker structure."""
+    owners: dict[int, list[str]] = {}
+    for layer, pos in mapping.items():
+        for index in pos.values():
+            owners.setdefault(index, []).append(layer)
+    shared = {i: layers for i, layers in owners.items() if len(layers) > 1}
+    if shared:
+        i, layers = next(iter(shared.items()))
+        raise UnsupportedModelError(
+            f"parameter {i} is shared by the layers {', '.join(layers)} (tied weights): it "
+            "would sit in two Kronecker blocks, which is not a Kronecker-factored matrix; untie "
+            "the weights, pass params= without it, or use the 'autograd' or 'backpack' backend"
+        )
 
 
 # ---------------------------------------------------------------------- factor computation
@@ -175,6 +195,25 @@ class KroneckerFactors:
     n_factorizations: int = 0
 
 
+class _SeededBatches:
+    """The batches, each yielded under ``torch.manual_seed(seed + i)`` (dropout masks as the
+    other backends draw them) in a forked RNG; iterable any number of times."""
+
+    def __init__(self, batches, seed: int | None, device: torch.device):
+        self.batches, self.seed, self.device = list(batches), seed, device
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if self.seed is None:
+                yield batch
+            else:
+                with seeded_rng((self.seed + i) % 2**63, self.device):
+                    yield batch
+
+
 def kronecker_factors(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -187,23 +226,28 @@ def kronecker_factors(
     kfac_approx: str = "expand",
     separate_weight_and_bias: bool = False,
     ekfac: bool = False,
+    batch_seed: int | None = None,
 ) -> KroneckerFactors:
     """KFAC (or EKFAC) factors of ``loss_fn(model(x), y)`` over ``batches`` via curvlinops.
 
     ``params`` must all be weights/biases of Linear/Conv2d layers (see :func:`split_params`).
-    Block and factor indices refer to positions in ``params``.
+    Block and factor indices refer to positions in ``params``. ``seed`` seeds curvlinops'
+    Monte-Carlo labels; with ``batch_seed``, batch i's forward runs under
+    ``torch.manual_seed(batch_seed + i)`` and the global RNG is left as found.
     """
     cl = _curvlinops()
     cls = cl.EKFACLinearOperator if ekfac else cl.KFACLinearOperator
     num_data = sum(int(x.shape[0]) for x, _ in batches)
+    device = params[0].device
     with leave_model_as_found(model):
         try:
             mapping = cls.compute_parameter_mapping(list(params), model)
+            _refuse_shared(mapping)
             op = cls(
                 model,
                 loss_fn,
                 list(params),
-                list(batches),
+                _SeededBatches(batches, batch_seed, device),
                 progressbar=False,
                 check_deterministic=False,
                 seed=int(seed),
@@ -220,6 +264,8 @@ def kronecker_factors(
             if ekfac:  # EKFAC's eigenvalue correction consumes the factors: keep copies
                 raw = {k: tuple(_clone(f) for f in af) for k, af in raw.items()}
                 op.compute_eigenvalue_correction()
+        except CurvlabError:
+            raise
         except (ValueError, NotImplementedError, KeyError) as exc:
             raise UnsupportedModelError(
                 f"curvlinops could not compute KFAC factors for this model/loss ({exc}); "
@@ -234,7 +280,7 @@ def kronecker_factors(
             "model's forward pass, so KFAC cannot see them; use the 'autograd' backend"
         )
     scale = 1.0
-    kind = loss_kind(loss_fn)
+    kind = LossSpec(loss_fn).kind
     if fisher_type == "empirical" and kind in ("mse", "bce"):
         scale = 1.0 / int(batches[0][1].shape[-1])
     factors = {layer: (a, g * scale) for layer, (a, g) in raw.items()}
@@ -411,12 +457,17 @@ class KFACEstimator(CurvatureEstimator):
         approximation: str = "kfac",
         fisher_type: str = "type-2",
         mc_samples: int = 1,
-        seed: Seed = 0,
         kfac_approx: str = "expand",
         separate_weight_and_bias: bool = False,
+        mode: str | None = None,
+        seed: Seed = 0,
+        cache: bool | str = "auto",
         distributed: bool | None = None,
     ):
-        super().__init__(model, loss_fn, data, curvature, params, distributed=distributed)
+        super().__init__(
+            model, loss_fn, data, curvature, params,
+            mode=mode, seed=seed, cache=cache, distributed=distributed,
+        )
         if self.distributed:
             raise UnsupportedCapabilityError(
                 "the 'kfac' backend computes factors on one process (curvlinops has no "
@@ -440,13 +491,13 @@ class KFACEstimator(CurvatureEstimator):
             raise InvalidInputError(f"mc_samples must be a positive int, got {mc_samples!r}")
         if mc_samples != 1 and fisher_type != "mc":
             raise InvalidInputError("mc_samples applies to fisher_type='mc' only")
-        if loss_kind(loss_fn) is None:
+        if self.loss.kind is None or self.sample_scale != 1.0:
             raise UnsupportedModelError(
-                f"the 'kfac' backend supports {SUPPORTED} (mean reduction, no class weights "
-                f"or label smoothing), got {type(loss_fn).__name__}; use the 'autograd' backend"
+                f"the 'kfac' backend supports {LIKELIHOOD_LOSSES} with [N, C] outputs (mean "
+                "reduction, no class weights, label smoothing or ignored labels), got "
+                f"{type(loss_fn).__name__}; use the 'autograd' backend"
             )
-        check_reduction(loss_fn)
-        _, unsupported = split_params(model, self.param_names)
+        _, unsupported = split_params(self.model, self.param_names)
         if unsupported:
             raise UnsupportedModelError(
                 "KFAC covers the weights and biases of Linear and Conv2d layers only; "
@@ -456,29 +507,27 @@ class KFACEstimator(CurvatureEstimator):
         self.approximation = approximation
         self.fisher_type = {"ggn": "type-2", "fisher": fisher_type, "ef": "empirical"}[curvature]
         self.mc_samples = mc_samples
-        self.seed = seed_int(seed)
         self.kfac_approx = kfac_approx
         self.separate_weight_and_bias = separate_weight_and_bias
         self.n_factorizations = 0
-        self._factors: KroneckerFactors | None = None
-        self._eigen: dict[str, LayerEigen] | None = None
-        self._versions: tuple[int, ...] | None = None
-        self._computed()  # fail early on unsupported models
+        self.release()
+        with self._backend_errors("computing the Kronecker factors"):
+            self._computed()  # fail early on unsupported models
 
     # ------------------------------------------------------------------ caches
     def release(self) -> None:
-        self._factors = None
-        self._eigen = None
-        self._versions = None
+        self._factors: KroneckerFactors | None = None
+        self._eigen: dict[str, LayerEigen] | None = None
 
     def _computed(self) -> KroneckerFactors:
-        """Factors for the current parameters (recomputed after in-place parameter updates)."""
-        if self._factors is None or self._versions != self._model_version():
-            self.release()
+        """Factors for the current model and data (recomputed whenever either changed)."""
+        self._current()
+        self._refuse_coupled_batches()
+        if self._factors is None:
             self._factors = kronecker_factors(
-                self.model,
+                self.view.module,
                 self.loss_fn,
-                self.params,
+                self.view.parameters,
                 self.batches,
                 fisher_type=self.fisher_type,
                 mc_samples=self.mc_samples,
@@ -486,17 +535,17 @@ class KFACEstimator(CurvatureEstimator):
                 kfac_approx=self.kfac_approx,
                 separate_weight_and_bias=self.separate_weight_and_bias,
                 ekfac=self.approximation == "ekfac",
+                batch_seed=self.seed,
             )
             for A, G in self._factors.factors.values():
                 if not torch.isfinite(G).all() or (A is not None and not torch.isfinite(A).all()):
                     raise NumericalError("the Kronecker factors are not finite; check the loss")
             self.n_factorizations += self._factors.n_factorizations
             self._eigen = self._factors.eigen
-            self._versions = self._model_version()
         return self._factors
 
     # ------------------------------------------------------------------ products
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+    def _local_matvec(self, V: torch.Tensor) -> torch.Tensor:
         computed = self._computed()
         with torch.no_grad():
             out = computed.operator @ V

@@ -1,25 +1,27 @@
 """PyHessian 0.1 behind the curvlab interface, shielded from its defects (DESIGN.md section 5).
 
 Products use PyHessian's fast path: one ``pyhessian.hessian`` object per batch (its
-single-batch mode caches ``gradsH`` with a graph) and its ``hessian_vector_product``;
-batches are averaged with weights n_b / N, so uneven last batches are exact. (Its dataloader
-mode would redo a forward and backward per product and write ``.grad`` each time.)
+single-batch mode caches ``gradsH`` with a graph) and its ``hessian_vector_product``, the
+batches summed with the loss normaliser of :mod:`curvlab.losses`. With ``cache=False`` (or
+``"auto"`` above the memory budget) the graph is rebuilt for every product instead of kept.
 
-What the adapter fixes:
+PyHessian never sees the user's model: it gets a small module around the estimator's
+hook-free view (:mod:`curvlab.model_view`) whose parameters are aliases of the user's. So:
 
-- ``cuda=True`` default that moves only the data: the flag follows the parameters' device.
-- The constructor's ``model.eval()`` for good: PyHessian evaluates the model in eval mode
-  (its convention), and every module's flag is restored right after.
-- ``loss.backward(create_graph=True)`` leaving a graph in ``.grad``: every parameter's
-  ``.grad`` is saved and restored as it was (None stays None); the graph lives only in the
-  cached ``gradsH`` and goes with :meth:`release`.
+- its constructor's ``model.eval()`` cannot switch modes: the curvature is that of the model
+  in the mode the user holds it (curvlab's convention for every backend; pass
+  ``mode="eval"`` for PyHessian's own eval-mode convention);
+- its ``loss.backward(create_graph=True)`` writes ``.grad`` on the aliases only (cleared at
+  once; the graph lives in the cached ``gradsH`` and goes with :meth:`release`);
+- the user's hooks do not fire, and dropout masks come from the estimator's seed;
+- ``cuda=True`` default that moves only the data: the flag follows the parameters' device;
 - ``trace()`` stopping after 2 samples when the trace is negative and returning a list:
   :meth:`native_trace` runs its Hutchinson loop with a symmetric stopping rule and returns
-  an :class:`~curvlab.Estimate` with a standard error.
+  an :class:`~curvlab.Estimate` with a standard error;
 - ``density()`` crashing on the removed ``torch.eig``: :meth:`native_density` runs its
   Lanczos iteration with its own helpers and diagonalises the tridiagonal matrix with
   ``torch.linalg.eigh``, returning a :class:`~curvlab.SpectralDensity` comparable with
-  curvlab's stochastic Lanczos quadrature.
+  curvlab's stochastic Lanczos quadrature;
 - unseeded ``torch.randn`` probes: every random routine takes ``seed``.
 
 :meth:`power_eigenvalues` is PyHessian's deflated power iteration, counted in matvecs.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from pyhessian import hessian as PyHessian
@@ -40,97 +42,130 @@ from pyhessian.utils import (
     normalization,
     orthnormal,
 )
+from torch import nn
 
 from curvlab._params import flatten, unflatten
 from curvlab._random import Seed, gaussian, make_generator, rademacher
 from curvlab.errors import InvalidInputError, UnsupportedModelError
-from curvlab.estimator import CurvatureEstimator
+from curvlab.estimator import CurvatureEstimator, graph_bytes
+from curvlab.model_view import no_global_hooks
 from curvlab.results import Eigenpairs, Estimate, SpectralDensity
 
-from ._losses import check_scalar_mean_loss
+
+class _PyHessianModel(nn.Module):
+    """What PyHessian is given: the estimator's view on one batch. Its parameters are the
+    view's aliases; ``train()``/``eval()`` are no-ops, so PyHessian cannot switch modes."""
+
+    def __init__(self, est: CurvatureEstimator, batch: int):
+        super().__init__()
+        self.inner = est.view.module
+        self._est, self._batch = est, batch
+
+    def train(self, mode: bool = True) -> _PyHessianModel:
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._est.forward_batch(self._batch, {}, x)
 
 
 class PyHessianEstimator(CurvatureEstimator):
-    """Hessian products through PyHessian's cached graph (see module docstring)."""
+    """Hessian products through PyHessian's cached graph (see module docstring).
+
+    Parameters
+    ----------
+    model, loss_fn, data, curvature, params, mode, seed, cache, distributed
+        See :class:`curvlab.CurvatureEstimator` (curvature "hessian" only).
+    """
 
     backend = "pyhessian"
     supported_curvatures = frozenset({"hessian"})
     base_capabilities = frozenset({"matvec", "power_iteration", "native_trace", "native_density"})
 
-    def __init__(self, model, loss_fn, data, curvature="hessian", params=None, *, distributed=None):
-        super().__init__(model, loss_fn, data, curvature, params, distributed=distributed)
-        self._graphs: list[tuple[float, list[torch.Tensor], tuple]] | None = None
-        self._versions: tuple[int, ...] | None = None
-        x, y = self.batches[0]
-        with self._shield(), torch.no_grad():
-            check_scalar_mean_loss(loss_fn, model(x), y)
-
-    # ------------------------------------------------------------------ shielding
-    @contextmanager
-    def _shield(self):
-        """Run PyHessian on the user's model and leave modes, ``.grad`` and flags as found."""
-        model = self.model
-        modes = [(m, m.training) for m in model.modules()]
-        saved = [(p, p.grad, p.requires_grad) for p in model.parameters()]
-        chosen = {id(p) for p in self.params}
-        device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
-        try:
-            for p, _, _ in saved:
-                p.grad = None
-                p.requires_grad_(id(p) in chosen)
-            with warnings.catch_warnings(), device:
-                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph")
-                model.eval()
-                yield
-        finally:
-            for m, flag in modes:
-                m.training = flag
-            for p, grad, flag in saved:
-                p.requires_grad_(flag)
-                p.grad = grad
-
-    def _build(self) -> list[tuple[float, list[torch.Tensor], tuple]]:
-        """One PyHessian object per batch: (weight, its params, its gradsH) in our order."""
-        graphs = []
-        cuda = self.device.type == "cuda"
-        for x, y in self.batches:
-            with self._shield():
-                h = PyHessian(self.model, self.loss_fn, data=(x, y), cuda=cuda)
-            index = {id(p): i for i, p in enumerate(h.params)}
-            order = [index[id(p)] for p in self.params]
-            grads = [h.gradsH[i] for i in order]
-            unused = [
-                name
-                for name, g in zip(self.param_names, grads)
-                if not (isinstance(g, torch.Tensor) and g.requires_grad)
-            ]
-            if unused:
-                raise UnsupportedModelError(
-                    f"PyHessian needs every parameter in the second-order graph, but "
-                    f"{', '.join(unused)} do not reach it; pass params= without them, or use "
-                    "backend 'autograd'"
-                )
-            weight = x.shape[0] / self.local_num_samples
-            graphs.append((weight, [h.params[i] for i in order], grads))
-        return graphs
+    def __init__(
+        self,
+        model,
+        loss_fn,
+        data,
+        curvature="hessian",
+        params=None,
+        *,
+        mode: str | None = None,
+        seed: Seed = 0,
+        cache: bool | str = "auto",
+        distributed: bool | None = None,
+    ):
+        super().__init__(
+            model, loss_fn, data, curvature, params,
+            mode=mode, seed=seed, cache=cache, distributed=distributed,
+        )
+        self._keep: bool | None = None
+        self.release()
 
     def release(self) -> None:
-        self._graphs = None
-        self._versions = None
+        self._graphs: list[tuple[list[torch.Tensor], tuple]] | None = None
+
+    def _build(self, i: int) -> tuple[list[torch.Tensor], tuple]:
+        """PyHessian's object for batch ``i``: (its params, its gradsH) in our order."""
+        x, y = self.batches[i]
+        aliases = self.view.parameters
+        for p in self.view.module.parameters():
+            p.grad = None
+        device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        try:
+            with warnings.catch_warnings(), device, no_global_hooks():
+                warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph")
+                h = PyHessian(
+                    _PyHessianModel(self, i),
+                    lambda out, target: self.loss.summed(out, target) / self.normaliser,
+                    data=(x, y),
+                    cuda=self.device.type == "cuda",
+                )
+        finally:
+            for p in self.view.module.parameters():
+                p.grad = None
+        index = {id(p): j for j, p in enumerate(h.params)}
+        order = [index[id(p)] for p in aliases]
+        grads = tuple(h.gradsH[j] for j in order)
+        unused = [
+            name
+            for name, g in zip(self.param_names, grads)
+            if not (isinstance(g, torch.Tensor) and g.requires_grad)
+        ]
+        if unused:
+            raise UnsupportedModelError(
+                f"PyHessian needs every parameter in the second-order graph, but "
+                f"{', '.join(unused)} do not reach it; pass params= without them, or use "
+                "backend 'autograd'"
+            )
+        return [h.params[j] for j in order], grads
+
+    def _iter_graphs(self):
+        if self._graphs is not None:
+            yield from self._graphs
+            return
+        kept = []
+        for i, (x, _) in enumerate(self.batches):
+            if self._keep is None:
+                g, nbytes = graph_bytes(self._build, i)
+                self._keep = self.keep_graphs(nbytes / x.shape[0])
+            else:
+                g = self._build(i)
+            if self._keep:
+                kept.append(g)
+            yield g
+        if self._keep:
+            self._graphs = kept
 
     # ------------------------------------------------------------------ products
     def _hv(self, vs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """PyHessian's Hessian-vector product, averaged over batches (parameter shapes)."""
-        if self._graphs is None or self._versions != self._model_version():
-            self._graphs = self._build()
-            self._versions = self._model_version()
-        total = [torch.zeros_like(v) for v in vs]
-        for weight, params, grads in self._graphs:
-            for a, t in zip(total, hessian_vector_product(grads, params, vs)):
-                a.add_(t, alpha=weight)
+        """PyHessian's Hessian-vector product, summed over batches (parameter shapes)."""
+        total = None
+        for params, grads in self._iter_graphs():
+            prod = hessian_vector_product(grads, params, vs)
+            total = list(prod) if total is None else [a.add_(t) for a, t in zip(total, prod)]
         return total
 
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+    def _local_matvec(self, V: torch.Tensor) -> torch.Tensor:
         cols = [flatten(self._hv(unflatten(V[:, j], self.params))) for j in range(V.shape[1])]
         return torch.stack(cols, dim=1)
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from curvlab import distributed as dist
 from curvlab.errors import InvalidInputError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -50,13 +51,21 @@ def resolve_params(model: nn.Module, params: Iterable[torch.Tensor] | None):
 def as_batches(data, device: torch.device) -> list[Batch]:
     """One (x, y) batch or an iterable of batches -> a list of (x, y) batches on ``device``.
 
-    Raises on empty data, mismatched sample counts and data on another device.
+    Raises on a Dataset passed where batches are expected, empty data, mismatched sample
+    counts and data on another device.
     """
     if _is_batch(data):
         batches = [tuple(data)]
     else:
+        if isinstance(data, torch.utils.data.Dataset) and not isinstance(
+            data, torch.utils.data.IterableDataset
+        ):
+            raise InvalidInputError(
+                f"data is a {type(data).__name__} (a Dataset of single samples), not batches: "
+                "pass torch.utils.data.DataLoader(dataset, batch_size=...) or one (x, y) batch"
+            )
         try:
-            batches = [tuple(b) for b in data]
+            batches = [tuple(b) if isinstance(b, (tuple, list)) else b for b in data]
         except TypeError as exc:
             raise InvalidInputError(
                 "data must be one (x, y) batch or an iterable of (x, y) batches"
@@ -65,12 +74,19 @@ def as_batches(data, device: torch.device) -> list[Batch]:
         raise InvalidInputError("data is empty: pass at least one (x, y) batch")
     for i, batch in enumerate(batches):
         if not _is_batch(batch):
-            raise InvalidInputError(f"batch {i} is not an (x, y) pair of tensors")
+            got = type(batch).__name__ if not isinstance(batch, tuple) else f"{len(batch)}-tuple"
+            raise InvalidInputError(
+                f"batch {i} is not an (x, y) pair of tensors (got a {got}); data must be one "
+                "(x, y) batch or an iterable of them"
+            )
         x, y = batch
-        if x.shape[0] == 0:
+        if x.ndim == 0 or x.shape[0] == 0:
             raise InvalidInputError(f"batch {i} is empty")
-        if y.shape[0] != x.shape[0]:
-            raise InvalidInputError(f"batch {i}: x has {x.shape[0]} samples but y has {y.shape[0]}")
+        if y.ndim == 0 or y.shape[0] != x.shape[0]:
+            raise InvalidInputError(
+                f"batch {i}: x has {x.shape[0]} samples but y has "
+                f"{'no batch dimension' if y.ndim == 0 else y.shape[0]}"
+            )
         for name, t in (("x", x), ("y", y)):
             if t.device != device:
                 raise InvalidInputError(
@@ -78,6 +94,69 @@ def as_batches(data, device: torch.device) -> list[Batch]:
                     f"move the data with .to({str(device)!r})"
                 )
     return batches
+
+
+def check_input_dtypes(batches: Sequence[Batch], dtype: torch.dtype) -> None:
+    """Floating inputs must have the parameters' dtype (integer inputs, e.g. token ids for
+    an embedding, are left alone)."""
+    for i, (x, _) in enumerate(batches):
+        if (x.is_floating_point() or x.is_complex()) and x.dtype != dtype:
+            raise InvalidInputError(
+                f"batch {i}: inputs x have dtype {x.dtype} but the parameters {dtype}; pass "
+                f"x.to({dtype}) (or convert the model with model.to({x.dtype}))"
+            )
+
+
+def data_key(batches: Sequence[Batch]) -> tuple:
+    """Identifies the data tensors' state: identity, storage and version counter."""
+    return tuple((id(t), t.data_ptr(), t._version) for batch in batches for t in batch)
+
+
+def shard_layout(local_n: int, distributed: bool) -> tuple[torch.Tensor, int]:
+    """(offsets of every rank's first sample, total count): global sample indices.
+
+    Rank r holds global samples offsets[r] .. offsets[r] + n_r - 1 (rank order).
+    """
+    if not distributed:
+        return torch.tensor([0, int(local_n)]), int(local_n)
+    mine = [0.0] * dist.world_size()
+    mine[dist.rank()] = float(local_n)
+    counts = torch.tensor(dist.all_reduce_scalars(*mine)).round().long()
+    offsets = torch.cumsum(counts, 0) - counts
+    return torch.cat([offsets, counts.sum()[None]]), int(counts.sum())
+
+
+def local_selection(indices: torch.Tensor, local_n: int, distributed: bool) -> torch.Tensor:
+    """The local positions of the global ``indices`` that this rank holds, in their order.
+
+    Raises (on every rank alike) when some rank would hold none of them.
+    """
+    bounds, total = shard_layout(local_n, distributed)
+    indices = indices.to("cpu", torch.long)
+    if indices.ndim != 1 or indices.numel() == 0:
+        raise InvalidInputError("subsample indices must be a non-empty 1-D tensor")
+    if int(indices.min()) < 0 or int(indices.max()) >= total:
+        raise InvalidInputError(f"subsample indices must lie in [0, {total}), the samples held")
+    if indices.unique().numel() != indices.numel():
+        raise InvalidInputError("subsample indices must be distinct")
+    rank = dist.rank() if distributed else 0
+    n_ranks = bounds.numel() - 1
+    starts, ends = bounds[:-1], bounds[1:]
+    held = [int(((indices >= starts[r]) & (indices < ends[r])).sum()) for r in range(n_ranks)]
+    if min(held) == 0:
+        raise InvalidInputError(
+            f"the subsample leaves a rank without samples (per rank: {held}); subsample more"
+        )
+    mine = indices[(indices >= starts[rank]) & (indices < ends[rank])]
+    return mine - starts[rank]
+
+
+def draw_subsample(total: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` distinct global sample indices out of ``total``, in random order."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n:
+        raise InvalidInputError(f"subsample must be an int >= 2 or an index tensor, got {n!r}")
+    perm = torch.randperm(total, generator=generator, device=generator.device)
+    return perm[: min(n, total)].cpu()
 
 
 def _is_batch(obj) -> bool:

@@ -35,18 +35,11 @@ from typing import Any
 import torch
 
 from curvlab import distributed as dist
-from curvlab._params import as_batches
+from curvlab._params import as_batches, draw_subsample, local_selection, shard_layout
 from curvlab._random import make_generator
 from curvlab.errors import CurvlabWarning, InvalidInputError, NumericalError
 from curvlab.estimator import CURVATURES, CurvatureEstimator
-from curvlab.noise import (
-    METHODS,
-    draw_subsample,
-    local_selection,
-    noise_variance,
-    shard_layout,
-    subsample_estimator,
-)
+from curvlab.noise import METHODS, noise_variance, subsample_estimator
 from curvlab.results import NoiseEstimate
 from curvlab.shrinkage.conversions import (
     damping_to_shrinkage,

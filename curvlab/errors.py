@@ -27,6 +27,10 @@ class BackendUnavailableError(CurvlabError, ImportError):
     """The backend's package is not installed; the message names the extra to install."""
 
 
+class BackendError(CurvlabError, RuntimeError):
+    """A backend failed while computing; the message names the backend and what to do."""
+
+
 class NumericalError(CurvlabError, FloatingPointError):
     """A loss or curvature product is NaN or infinite."""
 

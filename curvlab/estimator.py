@@ -1,28 +1,64 @@
 """The :class:`CurvatureEstimator` base class: one interface over every backend.
 
-Backends implement ``_matvec`` (and optionally ``_group_matvecs``, ``_diagonal``); the
-core implements the spectral algorithms, traces, densities and noise estimates once, on
-top of ``matvec``. Products are averages over all samples the estimator holds (over all
-ranks under ``torch.distributed``).
+Backends implement ``_local_matvec`` (and optionally ``_group_matvecs``, ``_diagonal``); the
+core implements validation, the model contract, staleness, distributed reductions and the
+spectral algorithms once, on top of ``matvec``.
+
+The model contract (DESIGN.md section 5b), for every backend:
+
+- **What is differentiated.** The loss of the model as the user holds it: its parameters,
+  buffers and train/eval mode (``mode=None``), or the mode forced by ``mode="train"`` /
+  ``"eval"``, always on a private hook-free view (:mod:`curvlab.model_view`); the user's model,
+  hooks, ``.grad``, buffers and global RNG are never touched.
+- **Normalisation.** The loss is averaged over all data the way the loss averages one batch
+  (:mod:`curvlab.losses`): class weights and ``ignore_index`` included.
+- **Randomness.** Batch ``i`` runs as after ``torch.manual_seed(seed + i)`` (dropout masks).
+- **Batch coupling.** Train-mode BatchNorm normalises with each batch's own statistics. The
+  curvature of one batch is then well defined (and is what ``matvec`` returns), that of
+  several batches together is not (refused). A *group* in ``group_matvecs`` is normalised
+  as its own mini-batch (what an optimizer with that batch size sees); groups of one sample
+  are refused.
+- **Staleness.** Cached graphs and factors are rebuilt whenever a parameter, buffer, mode or
+  data tensor changed, however it was written (optimizer steps, ``.data``,
+  ``vector_to_parameters``, ``load_state_dict(assign=True)``); :meth:`refresh` forces it.
 """
 
 from __future__ import annotations
 
-import abc
-from collections.abc import Iterable
-from typing import ClassVar
+import contextlib
+import copy
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from curvlab import distributed as dist
-from curvlab._params import as_batches, resolve_params
-from curvlab._random import Seed
-from curvlab.errors import InvalidInputError, NumericalError, UnsupportedCapabilityError
+from curvlab._params import (
+    as_batches,
+    check_input_dtypes,
+    data_key,
+    local_selection,
+    resolve_params,
+)
+from curvlab._random import Seed, seed_int
+from curvlab.errors import (
+    BackendError,
+    CurvlabError,
+    InvalidInputError,
+    NumericalError,
+    UnsupportedCapabilityError,
+    UnsupportedModelError,
+)
+from curvlab.losses import LossSpec
+from curvlab.model_view import MODES, MaskTape, ModelView, seeded_rng, unwrap
 from curvlab.operators import Operator
 from curvlab.results import NoiseEstimate
 
 CURVATURES = ("hessian", "ggn", "fisher", "ef")
+CACHE_CHOICES = (True, False, "auto")
+#: ``cache="auto"`` keeps per-batch graphs while their estimated memory stays below this.
+CACHE_BUDGET_BYTES = 2 * 2**30
 
 
 class CurvatureEstimator(Operator):
@@ -30,17 +66,50 @@ class CurvatureEstimator(Operator):
 
     Parameters
     ----------
-    model : the user's module; left as found (mode, hooks, parameters, ``.grad``).
-    loss_fn : ``loss_fn(model(x), y)`` returns a scalar averaged over the samples.
-    data : one (x, y) batch or an iterable of batches; products average over all samples.
-    curvature : "hessian" | "ggn" | "fisher" | "ef" (see ``supported_curvatures``).
-    params : parameters to differentiate; default those with ``requires_grad``.
-    distributed : reduce over ``torch.distributed`` ranks (default: when initialised).
+    model : nn.Module
+        The user's module (DDP / torch.compile wrappers are unwrapped); left as found.
+    loss_fn : callable
+        ``loss_fn(model(x), y)`` returns a scalar averaged over the samples
+        (``reduction="mean"``).
+    data : tuple of torch.Tensor, or iterable of them
+        One (x, y) batch or an iterable of batches (a DataLoader); products average over
+        all samples, normalised as the loss normalises.
+    curvature : {"hessian", "ggn", "fisher", "ef"}, default "hessian"
+        See ``supported_curvatures`` of each backend.
+    params : iterable of torch.Tensor, optional
+        Parameters to differentiate, in the order of the flat vectors; default those with
+        ``requires_grad``. Frozen parameters may be listed explicitly.
+    mode : {None, "train", "eval"}, default None
+        None uses each module's own train/eval flag (re-read at every product); otherwise
+        the view of the model is put in that mode (the user's model is not switched).
+    seed : int or torch.Generator, default 0
+        Seeds the masks of stochastic layers (batch i runs under ``manual_seed(seed + i)``)
+        and any Monte-Carlo sampling.
+    cache : {True, False, "auto"}, default "auto"
+        Keep per-batch graphs between products (True), recompute them at every product so
+        memory stays flat in the number of batches (False), or cache while their estimated
+        memory stays under ``CACHE_BUDGET_BYTES`` (2 GiB). Products are identical either way.
+    distributed : bool, optional
+        Reduce over ``torch.distributed`` ranks (default: when initialised); each rank holds
+        a shard of the data.
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    >>> est = curvlab.estimator("autograd", model, nn.CrossEntropyLoss(), (x, y))
+    >>> H = est.to_dense()
+    >>> bool(torch.allclose(H, H.T)), est.num_params
+    (True, 26)
     """
 
     backend: ClassVar[str] = "abstract"
     supported_curvatures: ClassVar[frozenset[str]] = frozenset()
     base_capabilities: ClassVar[frozenset[str]] = frozenset({"matvec"})
+    #: what to try when this backend cannot handle a model or loss
+    alternative: ClassVar[str] = "use backend 'autograd', which handles any differentiable model"
 
     def __init__(
         self,
@@ -50,6 +119,9 @@ class CurvatureEstimator(Operator):
         curvature: str = "hessian",
         params: Iterable[torch.Tensor] | None = None,
         *,
+        mode: str | None = None,
+        seed: Seed = 0,
+        cache: bool | str = "auto",
         distributed: bool | None = None,
     ):
         if curvature not in CURVATURES:
@@ -61,50 +133,107 @@ class CurvatureEstimator(Operator):
                 f"backend {self.backend!r} does not provide curvature {curvature!r} "
                 f"(it provides {sorted(self.supported_curvatures)}); see curvlab.backends()"
             )
-        if not callable(loss_fn):
-            raise InvalidInputError("loss_fn must be callable as loss_fn(model(x), y)")
-        self.model = model
+        if mode not in MODES:
+            raise InvalidInputError(f"mode must be None, 'train' or 'eval', got {mode!r}")
+        if not (cache == "auto" or isinstance(cache, bool)):
+            raise InvalidInputError(f"cache must be True, False or 'auto', got {cache!r}")
+        self.model = unwrap(model)
         self.loss_fn = loss_fn
+        self.loss = LossSpec(loss_fn)
         self.curvature = curvature
-        self.params, self.param_names = resolve_params(model, params)
+        self.params, self.param_names = resolve_params(self.model, params)
         self.num_params = sum(p.numel() for p in self.params)
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
-        self.batches = as_batches(data, self.device)
-        self.local_num_samples = sum(int(x.shape[0]) for x, _ in self.batches)
+        self.mode = mode
+        self.seed = seed_int(seed)
+        self.cache = cache
         self.distributed = dist.is_distributed() if distributed is None else bool(distributed)
-        self.num_samples = int(
-            dist.all_reduce_scalars(self.local_num_samples)[0]
-            if self.distributed
-            else self.local_num_samples
-        )
+        self.view = ModelView(self.model, self.param_names, mode=mode)
         self.n_matvecs = 0
-        self._state_tensors = [*model.parameters(), *model.buffers()]
+        self._seen: tuple | None = None
+        with self._backend_errors("reading the data"):
+            self._bind_data(data)
 
-    # ------------------------------------------------------------------ contract
-    @property
-    def capabilities(self) -> frozenset[str]:
-        return self.base_capabilities
+    # ------------------------------------------------------------------ data
+    def _bind_data(self, data) -> None:
+        """Hold ``data``: validate it, check every batch's loss, and compute the sample count
+        and the loss normaliser over all ranks."""
+        self.batches = as_batches(data, self.device)
+        check_input_dtypes(self.batches, self.dtype)
+        self.local_num_samples = sum(int(x.shape[0]) for x, _ in self.batches)
+        counts: list[float] = [self.local_num_samples, len(self.batches)]
+        self._batch_offset = 0
+        if self.distributed:
+            per_rank = [0.0] * dist.world_size()
+            per_rank[dist.rank()] = float(len(self.batches))
+            totals = dist.all_reduce_scalars(*counts, *per_rank)
+            counts = totals[:2]
+            self._batch_offset = round(sum(totals[2 : 2 + dist.rank()]))
+        self.num_samples = round(counts[0])
+        self.num_batches = round(counts[1])
+        self.view.sync()
+        self._check_batches()
+        self.normaliser = self._global_normaliser()
+        self._data_key = data_key(self.batches)
+        self._seen = None
 
-    @abc.abstractmethod
-    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
-        """[P, k] -> [P, k]: curvature averaged over this process's samples times V."""
+    def _check_batches(self) -> None:
+        """Each batch's targets and loss, on one forward per distinct batch shape."""
+        outputs: dict[tuple, torch.Tensor] = {}
+        for i, (x, y) in enumerate(self.batches):
+            key = (tuple(x.shape), tuple(y.shape))
+            if key not in outputs:
+                with torch.no_grad():
+                    outputs[key] = self.forward_batch(i, {}, x)
+                self.loss.check_batch(outputs[key], y, f"batch {i}")
+            else:
+                self.loss.check_targets(outputs[key], y, f"batch {i}")
 
-    def _group_matvecs(self, v: torch.Tensor, group_size: int) -> torch.Tensor:
-        raise UnsupportedCapabilityError(
-            f"backend {self.backend!r} cannot form per-group products; use 'autograd'"
-        )
+    def forward_batch(
+        self, i: int, params: dict[str, torch.Tensor], x: torch.Tensor, tape: MaskTape | None = None
+    ) -> torch.Tensor:
+        """The view's output on batch ``i`` under its seed (see the class docstring)."""
+        with seeded_rng(self.batch_seed(i), self.device):
+            return self.view.forward(params, x, tape=tape)
 
-    def _diagonal(self) -> torch.Tensor:
-        raise UnsupportedCapabilityError(f"backend {self.backend!r} has no exact diagonal")
+    def batch_seed(self, i: int) -> int:
+        """The seed batch ``i`` (local index) runs under: seed + its global batch index."""
+        return (self.seed + self._batch_offset + i) % 2**63
 
-    def _model_version(self) -> tuple[int, ...]:
-        """Changes whenever a parameter or buffer of the model is modified in place (an
-        optimizer step), so adapters know when cached graphs or factors are stale."""
-        return tuple(t._version for t in self._state_tensors)
+    # ------------------------------------------------------------------ staleness
+    def _current(self) -> None:
+        """Rebuild caches if the model or the data changed since they were built."""
+        self.view.sync()
+        key = (self.view._key, data_key(self.batches))
+        if key == self._seen:
+            return
+        if key[1] != self._data_key:  # data written in place: re-check it
+            self._check_batches()
+            self.normaliser = self._global_normaliser()
+            self._data_key = key[1]
+        self.params = self.view.source_parameters()
+        self.release()
+        self._seen = key
 
+    def _global_normaliser(self) -> float:
+        local = sum(self.loss.normaliser(y) for _, y in self.batches)
+        return dist.all_reduce_scalars(local)[0] if self.distributed else float(local)
+
+    def refresh(self) -> None:
+        """Forget every cached graph or factor: the next product recomputes them from the
+        model and data as they are now."""
+        self._seen = None
+        self.release()
+
+    def release(self) -> None:
+        """Drop cached graphs and factors (assign new containers: estimators made by
+        :meth:`with_data` share nothing mutable with this one)."""
+
+    # ------------------------------------------------------------------ new data
     def with_data(self, data) -> CurvatureEstimator:
-        """The same estimator (backend, curvature, parameters, options) on other data.
+        """The same estimator (backend, curvature, parameters, options, model view and
+        vectorisation decisions) on other data.
 
         Parameters
         ----------
@@ -114,21 +243,55 @@ class CurvatureEstimator(Operator):
         Returns
         -------
         CurvatureEstimator
-            A new estimator of this class; this one is left unchanged.
+            A new estimator; this one is left unchanged.
         """
-        from curvlab.noise import rebuild_estimator
-
-        return rebuild_estimator(self, data)
+        new = copy.copy(self)
+        new.n_matvecs = 0
+        new.release()
+        with new._backend_errors("reading the data"):
+            new._bind_data(data)
+        return new
 
     def subset(self, indices: torch.Tensor) -> CurvatureEstimator:
-        """The same estimator on the samples at ``indices`` (global indices over all ranks,
-        in that order; see :meth:`with_data`)."""
-        from curvlab.noise import subsample_estimator
+        """The same estimator on the samples at ``indices``.
 
-        return subsample_estimator(self, indices)
+        Parameters
+        ----------
+        indices : torch.Tensor
+            1-D distinct global sample indices (over all ranks, in rank order), in the order
+            the new estimator holds them; every rank must keep at least one sample.
+        """
+        local = local_selection(indices, self.local_num_samples, self.distributed)
+        x, y = self.concatenated()
+        local = local.to(self.device)
+        return self.with_data((x[local], y[local]))
 
-    def release(self) -> None:
-        """Drop cached graphs and buffers (also happens when the estimator is collected)."""
+    def concatenated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All samples this process holds, as one (x, y) pair."""
+        if len(self.batches) == 1:
+            return self.batches[0]
+        return (
+            torch.cat([b[0] for b in self.batches]),
+            torch.cat([b[1] for b in self.batches]),
+        )
+
+    # ------------------------------------------------------------------ contract
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return self.base_capabilities
+
+    def _local_matvec(self, V: torch.Tensor) -> torch.Tensor:
+        """[P, k] -> [P, k]: this process's share sum_b H(S_b) V / W (W over all ranks)."""
+        raise NotImplementedError
+
+    def _group_matvecs(self, V: torch.Tensor, group_size: int) -> torch.Tensor:
+        """[k, P] probes -> [k, G, P] group products (see :meth:`group_matvecs`)."""
+        raise UnsupportedCapabilityError(
+            f"backend {self.backend!r} cannot form per-group products; use 'autograd'"
+        )
+
+    def _diagonal(self) -> torch.Tensor:
+        raise UnsupportedCapabilityError(f"backend {self.backend!r} has no exact diagonal")
 
     def __enter__(self):
         return self
@@ -142,57 +305,138 @@ class CurvatureEstimator(Operator):
             f"num_params={self.num_params}, num_samples={self.num_samples})"
         )
 
+    @contextlib.contextmanager
+    def _backend_errors(self, what: str) -> Iterator[None]:
+        """Let curvlab's own errors through; wrap anything else a backend raises."""
+        try:
+            yield
+        except CurvlabError:
+            raise
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise BackendError(
+                f"backend {self.backend!r} failed while {what} ({type(exc).__name__}: {exc}); "
+                f"if the model or loss is unusual, {self.alternative}"
+            ) from exc
+
+    def _refuse_coupled_batches(self) -> None:
+        coupled = self.view.batch_coupled()
+        if coupled and (self.num_batches > 1 or self.distributed):
+            raise UnsupportedModelError(
+                f"train-mode BatchNorm ({', '.join(coupled[:3])}) normalises each batch with "
+                f"its own statistics, so the curvature of {self.num_batches} batches "
+                f"{'on several ranks ' if self.distributed else ''}together is not defined: "
+                "pass one batch, call model.eval(), or build the estimator with mode='eval'"
+            )
+
     # ------------------------------------------------------------------ products
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """Curvature times ``v`` ([P] or [P, k]), averaged over all samples."""
-        self.check_vector(v)
-        block = v if v.ndim == 2 else v[:, None]
-        out = self._matvec(block)
+    def _matvec(self, V: torch.Tensor) -> torch.Tensor:
+        self._current()
+        self._refuse_coupled_batches()
+        with self._backend_errors("computing a product"):
+            out = self._local_matvec(V)
         if self.distributed:
-            out = dist.all_reduce_sum(out * self.local_num_samples) / self.num_samples
+            out = dist.all_reduce_sum(out)
         # the sum is a cheap finite test; the elementwise one only confirms (overflow)
         if not torch.isfinite(out.sum()) and not torch.isfinite(out).all():
             raise NumericalError(
                 f"the {self.curvature} product is not finite; check the loss and the data"
             )
-        self.n_matvecs += block.shape[1]
-        return out if v.ndim == 2 else out[:, 0]
-
-    __matmul__ = matvec
+        return out
 
     def group_matvecs(self, v: torch.Tensor, group_size: int = 1) -> torch.Tensor:
-        """[G, P]: curvature of each group of ``group_size`` consecutive samples times ``v``.
+        """[G, P]: the curvature of each group of ``group_size`` samples times ``v``.
 
-        Groups partition this process's samples in data order; a remainder smaller than
-        ``group_size`` is dropped so all groups have equal size (G = N // group_size).
+        Groups are consecutive samples of this process in data order; a remainder smaller
+        than ``group_size`` is dropped (G = N // group_size). Rows are scaled per sample by
+        N / W (:mod:`curvlab.losses`), so they average to :meth:`matvec` over the samples
+        used; for a plain mean loss a row is the curvature of the group's own mean loss.
+        Under train-mode BatchNorm each group is normalised as its own mini-batch, and
+        groups of one sample are refused.
+
+        Parameters
+        ----------
+        v : torch.Tensor
+            One [P] probe shared by all groups, or a [P, k] block of k probes.
+        group_size : int, default 1
+
+        Returns
+        -------
+        torch.Tensor
+            [G, P] for one probe, [k, G, P] for a block.
         """
-        self.check_vector(v, allow_block=False)
-        if not isinstance(group_size, int) or group_size < 1:
+        self.check_vector(v)
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise InvalidInputError(f"group_size must be a positive int, got {group_size!r}")
         if group_size > self.local_num_samples:
             raise InvalidInputError(
                 f"group_size {group_size} exceeds the {self.local_num_samples} samples held"
             )
-        out = self._group_matvecs(v, group_size)
-        self.n_matvecs += out.shape[0]
-        return out
-
-    # ------------------------------------------------------------------ algorithms
-    def diagonal(
-        self, method: str | None = None, n_matvecs: int = 100, seed: Seed = 0
-    ) -> torch.Tensor:
-        """The diagonal: exact where the backend can, else XDiag or Hutchinson."""
-        if method in (None, "exact") and "diagonal" in self.capabilities:
-            return self._diagonal()
-        if method == "exact":
-            raise UnsupportedCapabilityError(
-                f"backend {self.backend!r} has no exact diagonal; use method='xdiag' or "
-                "the 'backpack' backend"
+        self._current()
+        coupled = self.view.batch_coupled()
+        if coupled and group_size == 1:
+            raise UnsupportedModelError(
+                f"per-sample products are undefined under train-mode BatchNorm "
+                f"({', '.join(coupled[:3])}): one sample has no batch statistics. Use "
+                "group_size >= 2 (each group is normalised as its own mini-batch), call "
+                "model.eval(), or build the estimator with mode='eval'"
             )
+        block = v.T if v.ndim == 2 else v[None]
+        with self._backend_errors("computing per-group products"):
+            out = self._group_matvecs(block, group_size)
+        self.n_matvecs += out.shape[0] * out.shape[1]
+        return out if v.ndim == 2 else out[0]
+
+    @property
+    def sample_scale(self) -> float:
+        """N / W: per-sample rows times this average to the full product."""
+        return self.num_samples / self.normaliser
+
+    # ------------------------------------------------------------------ diagonal
+    def diagonal(
+        self, method: str | None = None, n_matvecs: int | None = None, seed: Seed = 0
+    ) -> torch.Tensor:
+        """The diagonal of the curvature.
+
+        Parameters
+        ----------
+        method : {None, "exact", "xdiag", "hutchinson"}, default None
+            None and "exact" give the exact diagonal: the backend's own where it has one
+            (BackPACK, KFAC), else P products with identity columns. "xdiag"/"hutchinson"
+            estimate it from ``n_matvecs`` products.
+        n_matvecs : int, optional
+            The product budget of an estimate; a budget of at least P gives the exact
+            diagonal.
+        seed : int or torch.Generator, default 0
+
+        Returns
+        -------
+        torch.Tensor
+            [P], the same answer on every backend (exact unless an estimate is asked for).
+        """
+        if method not in (None, "exact", "xdiag", "hutchinson"):
+            raise InvalidInputError(
+                f"method must be None, 'exact', 'xdiag' or 'hutchinson', got {method!r}"
+            )
+        estimate = method in ("xdiag", "hutchinson") and (
+            n_matvecs is None or n_matvecs < self.num_params
+        )
+        if not estimate:
+            if "diagonal" in self.capabilities:
+                self._current()
+                with self._backend_errors("computing the diagonal"):
+                    return self._diagonal()
+            from curvlab.spectral._krylov import column_blocks
+
+            parts = [cols.diagonal(-i) for i, cols in column_blocks(self)]
+            return torch.cat(parts)
         from curvlab.spectral.diagonal import diagonal
 
-        return diagonal(self, method=method or "xdiag", n_matvecs=n_matvecs, seed=seed)
+        budget = 100 if n_matvecs is None else n_matvecs
+        return diagonal(self, method=method, n_matvecs=budget, seed=seed)
 
+    # ------------------------------------------------------------------ noise
     def noise_variance(
         self,
         batch_size: int = 128,
@@ -222,3 +466,36 @@ class CurvatureEstimator(Operator):
             population=population,
             seed=seed,
         )
+
+    # ------------------------------------------------------------------ caching
+    def keep_graphs(self, bytes_per_sample: float) -> bool:
+        """Whether to cache per-batch graphs of ``bytes_per_sample`` each (see ``cache``)."""
+        if self.cache != "auto":
+            return bool(self.cache)
+        return bytes_per_sample * self.local_num_samples <= CACHE_BUDGET_BYTES
+
+
+def graph_bytes(build, *args: Any) -> tuple[Any, int]:
+    """Run ``build(*args)`` and count the bytes of the distinct tensors autograd saves for it:
+    the memory a cached graph holds. Returns (its result, bytes)."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t: torch.Tensor):
+        try:
+            storage = t.untyped_storage()
+            seen[(storage.data_ptr(), t.device)] = storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = build(*args)
+    return result, sum(seen.values())
+
+
+def finite_or_raise(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise NumericalError(f"the loss is {loss.item()} on {where}; check data and model")
+
+
+__all__ = ["CACHE_BUDGET_BYTES", "CURVATURES", "CurvatureEstimator"]

@@ -34,15 +34,15 @@ the union of the shards (exactly, for ``group_size=1``; larger groups never stra
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
 
 import torch
 
 from curvlab import distributed as dist
+from curvlab._params import draw_subsample, shard_layout
 from curvlab._random import Seed, make_generator, unit_sphere
-from curvlab.errors import CurvlabError, InvalidInputError, UnsupportedCapabilityError
+from curvlab.errors import InvalidInputError, UnsupportedCapabilityError
 from curvlab.estimator import CurvatureEstimator
 from curvlab.results import NoiseEstimate
 
@@ -151,18 +151,10 @@ def _probes_per_call(est, group_size: int) -> int:
 
 
 def _group_products(est, V: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[k, G, P]: ``group_matvecs`` for each probe row of V, vectorised with vmap over the
-    probes where the backend allows it (same numbers as a loop), looped otherwise."""
-    if V.shape[0] > 1:
-        try:
-            U = torch.func.vmap(lambda v: est.group_matvecs(v, group_size))(V)
-        except CurvlabError:
-            raise
-        except Exception:  # a backend that cannot run under vmap (hooks, .item(), ...)
-            pass
-        else:
-            est.n_matvecs += (V.shape[0] - 1) * U.shape[1]  # counted once under vmap
-            return U
+    """[k, G, P]: group products for each probe row of V. A curvature estimator takes the
+    whole block (the autograd backend vectorises it); other operators are looped."""
+    if isinstance(est, CurvatureEstimator):
+        return est.group_matvecs(V.T, group_size)
     return torch.stack([est.group_matvecs(v, group_size) for v in V])
 
 
@@ -216,93 +208,15 @@ def probe_statistics(est, V: torch.Tensor, group_size: int = 1) -> ProbeStatisti
     return ProbeStatistics(centred, mean_sq, vu, n)
 
 
-# ---------------------------------------------------------------------- subsamples
-def shard_layout(local_n: int, distributed: bool) -> tuple[torch.Tensor, int]:
-    """(offsets of every rank's first sample, total count): global sample indices.
-
-    Rank r holds global samples offsets[r] .. offsets[r] + n_r - 1 (rank order).
-    """
-    if not distributed:
-        return torch.tensor([0, int(local_n)]), int(local_n)
-    mine = [0.0] * dist.world_size()
-    mine[dist.rank()] = float(local_n)
-    counts = torch.tensor(dist.all_reduce_scalars(*mine)).round().long()
-    offsets = torch.cumsum(counts, 0) - counts
-    return torch.cat([offsets, counts.sum()[None]]), int(counts.sum())
-
-
-def local_selection(indices: torch.Tensor, local_n: int, distributed: bool) -> torch.Tensor:
-    """The local positions of the global ``indices`` that this rank holds, in their order.
-
-    Raises (on every rank alike) when some rank would hold none of them.
-    """
-    bounds, total = shard_layout(local_n, distributed)
-    indices = indices.to("cpu", torch.long)
-    if indices.ndim != 1 or indices.numel() == 0:
-        raise InvalidInputError("subsample indices must be a non-empty 1-D tensor")
-    if int(indices.min()) < 0 or int(indices.max()) >= total:
-        raise InvalidInputError(f"subsample indices must lie in [0, {total}), the samples held")
-    if indices.unique().numel() != indices.numel():
-        raise InvalidInputError("subsample indices must be distinct")
-    rank = dist.rank() if distributed else 0
-    n_ranks = bounds.numel() - 1
-    starts, ends = bounds[:-1], bounds[1:]
-    held = [int(((indices >= starts[r]) & (indices < ends[r])).sum()) for r in range(n_ranks)]
-    if min(held) == 0:
-        raise InvalidInputError(
-            f"the subsample leaves a rank without samples (per rank: {held}); subsample more"
-        )
-    mine = indices[(indices >= starts[rank]) & (indices < ends[rank])]
-    return mine - starts[rank]
-
-
-def draw_subsample(total: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` distinct global sample indices out of ``total``, in random order."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n:
-        raise InvalidInputError(f"subsample must be an int >= 2 or an index tensor, got {n!r}")
-    perm = torch.randperm(total, generator=generator, device=generator.device)
-    return perm[: min(n, total)].cpu()
-
-
 def subsample_estimator(
     est: CurvatureEstimator,
     subsample: int | torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> CurvatureEstimator:
-    """A new estimator of the same kind on a subset of ``est``'s samples (see noise_variance).
-
-    ``subsample``: global sample indices, or a count drawn with ``generator``.
-    """
+    """``est.subset`` of the given global indices, or of a count drawn with ``generator``."""
     if isinstance(subsample, torch.Tensor):
-        indices = subsample
-    else:
-        indices = draw_subsample(est.num_samples, subsample, generator or make_generator(0))
-    local = local_selection(indices, est.local_num_samples, est.distributed).to(est.device)
-    x = torch.cat([b[0] for b in est.batches])[local]
-    y = torch.cat([b[1] for b in est.batches])[local]
-    return rebuild_estimator(est, (x, y))
-
-
-def rebuild_estimator(est: CurvatureEstimator, data) -> CurvatureEstimator:
-    """``type(est)`` on new data, forwarding the keyword-only constructor options that the
-    estimator stores as same-named attributes (None values keep the class default)."""
-    params = inspect.signature(type(est).__init__).parameters.values()
-    options = {
-        p.name: getattr(est, p.name)
-        for p in params
-        if p.kind is p.KEYWORD_ONLY
-        and p.name != "distributed"
-        and getattr(est, p.name, None) is not None
-    }
-    return type(est)(
-        est.model,
-        est.loss_fn,
-        data,
-        curvature=est.curvature,
-        params=est.params,
-        distributed=est.distributed,
-        **options,
-    )
+        return est.subset(subsample)
+    return est.subset(draw_subsample(est.num_samples, subsample, generator or make_generator(0)))
 
 
 # ---------------------------------------------------------------------- diagonal source

@@ -87,7 +87,8 @@ def _flat_fn(model, fn):
     def of_flat(theta, x):
         chunks = torch.split(theta, sizes)
         state = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes)}
-        return fn(functional_call(model, {**buffers, **state}, (x,)))
+        fresh = {n: b.clone() for n, b in buffers.items()}  # train-mode BatchNorm writes them
+        return fn(functional_call(model, {**fresh, **state}, (x,)))
 
     theta0 = torch.cat([p.detach().reshape(-1) for _, p in named])
     return of_flat, theta0

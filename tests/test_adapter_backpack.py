@@ -240,37 +240,55 @@ def test_user_extended_model_and_global_hook_removal_do_not_interfere():
     torch.testing.assert_close(est.diagonal(), G.diagonal(), **EXACT)
 
 
-def test_unsupported_layers_raise_naming_the_module():
+def test_unsupported_layers_refuse_extensions_naming_the_module_but_products_work():
     x, y = make_data("tanh_mlp")
     loss_fn = nn.CrossEntropyLoss()
     norm = nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)).to(F64)
+    est = curvlab.estimator("backpack", norm, loss_fn, (x, y), curvature="ggn")
+    G = dense_ggn(norm, loss_fn, x, y)
+    torch.testing.assert_close(est.to_dense(), G, **EXACT)  # products need no extension
+    assert "per_sample_diagonal" not in est.capabilities
     with pytest.raises(UnsupportedModelError, match=r"LayerNorm.*autograd"):
-        curvlab.estimator("backpack", norm, loss_fn, (x, y), curvature="ggn")
-    with pytest.raises(UnsupportedModelError, match="tanh"):  # torch.tanh inside forward
-        curvlab.estimator("backpack", make_model("cnn"), loss_fn, make_data("cnn"), curvature="ggn")
+        est.per_sample_diagonal("ggn")
+    torch.testing.assert_close(est.diagonal(), G.diagonal(), **EXACT)  # from identity columns
+    cnn = make_model("cnn")  # torch.tanh inside forward: the converter cannot see it
+    xc, yc = make_data("cnn")
+    est = curvlab.estimator("backpack", cnn, loss_fn, (xc, yc), curvature="ggn")
+    with pytest.raises(UnsupportedModelError, match="tanh"):
+        est.per_sample_gradients()
+    torch.testing.assert_close(est.to_dense(), dense_ggn(cnn, loss_fn, xc, yc), **EXACT)
+    est = curvlab.estimator("backpack", make_model("buffer_frozen"), loss_fn, (x, y), curvature="ggn")
     with pytest.raises(UnsupportedModelError, match="converter"):  # x * buffer
-        curvlab.estimator("backpack", make_model("buffer_frozen"), loss_fn, (x, y), curvature="ggn")
+        est.kronecker_factors("kflr")
     torch.manual_seed(0)
     model = Residual().to(F64)  # BackPACK's Hessian extensions have no rule for a sum
+    est = curvlab.estimator("backpack", model, loss_fn, (x, y), curvature="hessian")
+    assert "diagonal" not in est.capabilities
     with pytest.raises(UnsupportedModelError, match="SumModule"):
-        curvlab.estimator("backpack", model, loss_fn, (x, y), curvature="hessian")
+        est.per_sample_diagonal("hessian")
+    torch.testing.assert_close(est.to_dense(), dense_hessian(model, loss_fn, x, y), **EXACT)
 
 
-def test_batchnorm_train_mode_refused_eval_mode_supported():
+def test_batchnorm_train_mode_products_work_extensions_refuse():
     x, y = make_data("tanh_mlp")
     loss_fn = nn.CrossEntropyLoss()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).to(F64)
-    with pytest.raises(UnsupportedModelError, match=r"BatchNorm.*eval"):
-        curvlab.estimator("backpack", model, loss_fn, (x, y), curvature="ggn")
-    model.eval()
     est = curvlab.estimator("backpack", model, loss_fn, (x, y), curvature="ggn")
+    before = model_state(model)
+    torch.testing.assert_close(est.to_dense(), dense_ggn(model, loss_fn, x, y), **EXACT)
+    assert_state_equal(before, model_state(model))  # the running statistics stay as they were
+    assert "diagonal" not in est.capabilities and "group_matvecs" not in est.capabilities
+    with pytest.raises(UnsupportedModelError, match=r"BatchNorm.*eval"):
+        est.per_sample_gradients()
+    model.eval()  # the estimator follows the user's mode
+    assert "diagonal" in est.capabilities
     torch.testing.assert_close(est.diagonal(), dense_ggn(model, loss_fn, x, y).diagonal(), **EXACT)
     with pytest.raises(UnsupportedModelError, match="BatchNorm1d"):  # KFAC has no rule for it
         est.kronecker_factors("kflr")
-    model.train()  # the estimator follows the user's mode and refuses again
+    model.train()
     with pytest.raises(UnsupportedModelError, match="BatchNorm"):
-        est.diagonal()
+        est.per_sample_diagonal("ggn")
 
 
 def test_unsupported_losses_raise():

@@ -191,7 +191,7 @@ def test_group_size_invalid(est):
         with pytest.raises(InvalidInputError):
             est.group_matvecs(v, bad)
     with pytest.raises(InvalidInputError):
-        est.group_matvecs(torch.ones(est.num_params, 2, dtype=torch.float64), 1)
+        est.group_matvecs(torch.ones(est.num_params, 2, 2, dtype=torch.float64), 1)
 
 
 def test_to_dense_size_guard(est):

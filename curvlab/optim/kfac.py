@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 
 from curvlab._params import resolve_params
 from curvlab.errors import CurvlabWarning, InvalidInputError
+from curvlab.losses import LIKELIHOOD_LOSSES, LossSpec
 from curvlab.optim.lanczos_opt import DampingSource, resolve_damping
 
 _FISHER_TYPES = ("mc", "type-2", "empirical")
@@ -136,11 +137,10 @@ class KFAC(Optimizer):
             raise InvalidInputError(
                 f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}"
             )
-        if backend.loss_kind(loss_fn) is None:
+        if LossSpec(loss_fn).kind is None:
             raise InvalidInputError(
-                f"KFAC needs {backend.SUPPORTED} as loss_fn, got {type(loss_fn).__name__}"
+                f"KFAC needs {LIKELIHOOD_LOSSES} as loss_fn, got {type(loss_fn).__name__}"
             )
-        backend.check_reduction(loss_fn)
         is_number = isinstance(damping, numbers.Real)
         if is_number:
             resolve_damping(damping, 0)
