@@ -43,6 +43,10 @@ def _grad(outputs, inputs, grad_outputs=None, create_graph=False):
     )
 
 
+#: Above this many (parameters x samples per group), group products loop over groups.
+VMAP_WORK = 10_000_000
+
+
 class VmapDecision:
     """Whether ``torch.func.vmap`` works on a model: decided once, shared by the estimators
     made from one another with ``with_data``/``subset`` (None: not tried yet)."""
@@ -134,7 +138,8 @@ class AutogradEstimator(CurvatureEstimator):
         return make_generator(self.seed, self.device)
 
     def _iter_graphs(self):
-        """Per-batch graphs for the current weights: cached, or built one at a time."""
+        """Per-batch graphs for the current weights: cached, or built one at a time. MC
+        labels are drawn with the estimator's seed whenever the graphs are (re)built."""
         if self._graphs is not None:
             yield from self._graphs
             return
@@ -142,11 +147,11 @@ class AutogradEstimator(CurvatureEstimator):
         residuals, kept = [], []
         for i, (x, y) in enumerate(self.batches):
             if self._keep is None:
-                g, nbytes = graph_bytes(self._build, i, x, y, gen)
+                g, nbytes = graph_bytes(self._batch_graph, i, x, y, gen)
                 self._keep = self.keep_graphs(nbytes / x.shape[0])
             else:
-                g = self._build(i, x, y, gen)
-            if "res" in g and self.fisher_type == "mc":
+                g = self._batch_graph(i, x, y, gen)
+            if self.fisher_type == "mc":
                 residuals.append(g["res"])
             if self._keep:
                 kept.append(g)
@@ -155,29 +160,46 @@ class AutogradEstimator(CurvatureEstimator):
         if self._keep:
             self._graphs = kept
 
-    def _build(self, i: int, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> dict:
+    def _batch_graph(self, i: int, x: torch.Tensor, y: torch.Tensor, gen) -> dict:
+        """Batch i's graph of S_b / W (its masks drawn under the batch's seed)."""
+
+        def forward(ps):
+            return self.forward_batch(i, self._state(ps), x)
+
+        def residuals(out):
+            return sample_residuals(self.kind, out, self.mc_samples, gen)
+
+        return self._graph(forward, y, 1.0 / self.normaliser, residuals, f"batch {i}")
+
+    def _graph(self, forward, y: torch.Tensor, scale: float, residuals, where: str) -> dict:
+        """The graph of ``scale * S(forward(params), y)`` that curvature products reuse.
+
+        With s = ``scale``, a per-sample contribution c_n enters as s c_n, so the empirical
+        Fisher's per-sample outer products (weight s N / W each) take the factor
+        (N / W) / s, and the MC Fisher's sampled ones (likelihood losses, N = W) the factor s.
+        ``residuals(out)`` draws the MC Fisher's labels (or is a fixed tensor).
+        """
         ps = [p.detach().requires_grad_() for p in self.params]
-        W = self.normaliser
-        out = self.forward_batch(i, self._state(ps), x)
+        out = forward(ps)
         if self.curvature == "hessian":
-            loss = self.loss.summed(out, y) / W
-            finite_or_raise(loss, f"batch {i}")
+            loss = scale * self.loss.summed(out, y)
+            finite_or_raise(loss, where)
             return {"ps": ps, "grads": _grad(loss, ps, create_graph=True)}
         out_d = out.detach().requires_grad_()
-        loss = self.loss.summed(out_d, y) / W
-        finite_or_raise(loss, f"batch {i}")
+        loss = scale * self.loss.summed(out_d, y)
+        finite_or_raise(loss, where)
         g_out = _grad(loss, out_d, create_graph=True)[0]
         u = torch.zeros_like(out, requires_grad=True)
         entry = {
             "ps": ps, "out": out, "out_d": out_d, "g_out": g_out, "u": u,
             "jtu": _grad(out, ps, grad_outputs=u, create_graph=True),
         }
-        n = out.shape[0]
-        if self.curvature == "ef":  # g_n = N J_n^T g_out_n: EF v = N sum_n J^T g g^T J v
-            entry["res"], entry["scale"] = g_out.detach().reshape(1, n, -1), self.num_samples
+        if self.curvature == "ef":
+            entry["res"] = g_out.detach()[None]
+            entry["scale"] = self.sample_scale / scale
         elif self.fisher_type == "mc":
-            entry["res"] = sample_residuals(self.kind, out_d, self.mc_samples, gen)
-            entry["scale"] = 1.0 / W
+            entry["res"] = residuals(out_d) if callable(residuals) else residuals
+            entry["scale"] = scale
         return entry
 
     # ------------------------------------------------------------------ products
@@ -231,38 +253,61 @@ class AutogradEstimator(CurvatureEstimator):
         return x, y, self._batch_masks(), res
 
     def _group_fn(self, group_size: int):
-        """f(x_g, y_g, masks_g, r_g, v) -> flat curvature of one group times v, scaled so
-        rows average to the full product (reverse-over-reverse second derivatives:
-        forward-over-reverse hits immutable ZeroTensors in MSELoss under torch.func)."""
+        """f(x_g, y_g, masks_g, r_g, V) -> [k, P]: one group's curvature times the probe rows
+        of V, scaled so rows average to the full product. The Hessian's forward pass and first
+        backward are shared by the probes (a vjp of the gradient); second derivatives are
+        reverse-over-reverse (forward-over-reverse hits immutable ZeroTensors in MSELoss)."""
         primals = tuple(p.detach() for p in self.params)
         scale = self.sample_scale / group_size
 
         def forward(ps, x, masks):
             return self.view.forward(self._state(ps), x, tape=MaskTape(replay=masks))
 
-        def product(x, y, masks, r, v):
-            vs = tuple(unflatten(v, self.params))
+        def product(x, y, masks, r, V):
             if self.curvature == "hessian":
+                _, hvp = vjp(grad(lambda ps: scale * self.loss.summed(forward(ps, x, masks), y)),
+                             primals)
+                return vmap(lambda v: flatten(hvp(tuple(unflatten(v, self.params)))[0]))(V)
 
-                def directional(ps):  # v^T grad L(ps); its gradient is H v
-                    g = grad(lambda q: scale * self.loss.summed(forward(q, x, masks), y))(ps)
-                    return sum((gi * vi).sum() for gi, vi in zip(g, vs))
+            def one(v):
+                vs = tuple(unflatten(v, self.params))
+                out, jv = jvp(lambda ps: forward(ps, x, masks), (primals,), (vs,))
+                if self.curvature == "ef":
+                    g_out = grad(lambda o: scale * self.loss.summed(o, y))(out)
+                    z = _factor_product(g_out[None], jv, self.sample_scale / scale)
+                elif r is not None:
+                    z = _factor_product(r, jv, scale)
+                else:
 
-                return flatten(grad(directional)(primals))
-            out, jv = jvp(lambda ps: forward(ps, x, masks), (primals,), (vs,))
-            if self.curvature == "ef":
-                g_out = grad(lambda o: self.loss.summed(o, y))(out)
-                z = _factor_product(g_out[None], jv, scale * self.sample_scale)
-            elif r is not None:
-                z = _factor_product(r, jv, scale)
-            else:
-                z = grad(lambda o: (grad(lambda q: scale * self.loss.summed(q, y))(o) * jv).sum())(
-                    out
-                )
-            _, pullback = vjp(lambda ps: forward(ps, x, masks), primals)
-            return flatten(pullback(z)[0])
+                    def directional(o):  # jv^T grad_o L: its gradient is H_out jv
+                        return (grad(lambda q: scale * self.loss.summed(q, y))(o) * jv).sum()
+
+                    z = grad(directional)(out)
+                _, pullback = vjp(lambda ps: forward(ps, x, masks), primals)
+                return flatten(pullback(z)[0])
+
+            return vmap(one)(V)
 
         return product
+
+    def _group_graph_rows(self, args, V: torch.Tensor, group_size: int) -> torch.Tensor:
+        """[k, G, P] by a loop over groups: one graph per group serves every probe; the
+        products are written straight into the output (no flatten/stack copies of P-sized
+        vectors, which dominate on large models)."""
+        x, y, masks, res = args
+        scale = self.sample_scale / group_size
+        probes = [unflatten(v, self.params) for v in V.contiguous()]
+        out = V.new_empty(V.shape[0], x.shape[0], self.num_params)
+        for j in range(x.shape[0]):
+            mj = [m[j] for m in masks]
+
+            def forward(ps, xj=x[j], mj=mj):
+                return self.view.forward(self._state(ps), xj, tape=MaskTape(replay=mj))
+
+            g = self._graph(forward, y[j], scale, None if res is None else res[j], f"group {j}")
+            for i, vs in enumerate(probes):
+                _write_flat(out[i, j], self._graph_product(g, vs))
+        return out
 
     def _group_matvecs(self, V: torch.Tensor, group_size: int) -> torch.Tensor:
         x, y, masks, res = self._samples()
@@ -275,13 +320,14 @@ class AutogradEstimator(CurvatureEstimator):
         args = [grouped(x), grouped(y), [grouped(m) for m in masks], None]
         if res is not None:  # [M, N, D] -> [G, M, g, D]
             args[3] = res[:, :used].reshape(res.shape[0], n_groups, group_size, -1).transpose(0, 1)
+        in_dims = (0, 0, 0, None if res is None else 0, None)
         fn = self._group_fn(group_size)
-        in_dims = (0, 0, 0, None if res is None else 0)
         return self._mapped(
-            lambda v: vmap(fn, in_dims=(*in_dims, None), chunk_size=self.chunk_size,
-                           randomness="error")(*args, v),
-            lambda v: torch.stack([fn(*_index(args, in_dims, i), v) for i in range(n_groups)]),
-            V,
+            lambda: vmap(fn, in_dims=in_dims, chunk_size=self.chunk_size, randomness="error")(
+                *args, V
+            ).transpose(0, 1),
+            lambda: self._group_graph_rows(args, V, group_size),
+            work=self.num_params * group_size,
         )
 
     def per_sample_gradients(self) -> torch.Tensor:
@@ -308,21 +354,28 @@ class AutogradEstimator(CurvatureEstimator):
             return flatten(grad(loss_of)(primals))
 
         with self._backend_errors("computing per-sample gradients"):
-            rows = self._mapped(
-                lambda _: vmap(sample_grad, randomness="error")(x, y, masks),
-                lambda _: torch.stack(
+            return self._mapped(
+                lambda: vmap(sample_grad, randomness="error")(x, y, masks),
+                lambda: torch.stack(
                     [sample_grad(x[i], y[i], [m[i] for m in masks]) for i in range(x.shape[0])]
                 ),
-                None,
+                work=self.num_params,
             )
-        return rows
 
-    def _mapped(self, vectorized, looped, V):
-        """Run ``vectorized`` (vmapped over probe rows of V, if given) or, when vmap cannot
-        handle the model, ``looped`` for each probe: decided once per model."""
+    def _mapped(self, vectorized, looped, work: int):
+        """Run ``vectorized()`` (torch.func.vmap) or ``looped()``, with the same numbers.
+
+        The path is decided once per model (shared through ``with_data``): ``vectorize``
+        True/False forces it; None vmaps while a group's work (parameters x samples) is at
+        most ``VMAP_WORK`` and loops above it (one graph per group then serves all probes,
+        and batched convolution weight gradients under vmap cost more than they save), and
+        falls back to the loop, once and with a warning, if vmap cannot handle the model.
+        """
+        if self._vmap.ok is None and work > VMAP_WORK:
+            self._vmap.ok = False
         if self._vmap.ok is not False:
             try:
-                out = vmap(vectorized)(V) if V is not None else vectorized(None)
+                out = vectorized()
             except UnsupportedModelError:
                 raise
             except Exception as exc:
@@ -348,22 +401,16 @@ class AutogradEstimator(CurvatureEstimator):
             else:
                 self._vmap.ok = True
                 return out
-        if V is None:
-            return looped(None)
-        return torch.stack([looped(v) for v in V])
+        return looped()
 
 
-def _index(args, in_dims, i):
-    """The i-th slice of each mapped argument (lists of tensors are mapped element-wise)."""
-    out = []
-    for a, d in zip(args, in_dims):
-        if d is None or a is None:
-            out.append(a)
-        elif isinstance(a, list):
-            out.append([t[i] for t in a])
-        else:
-            out.append(a[i])
-    return out
+def _write_flat(target: torch.Tensor, parts) -> None:
+    """Copy per-parameter tensors into the flat [P] ``target`` in order."""
+    start = 0
+    for t in parts:
+        n = t.numel()
+        target[start : start + n].view(t.shape).copy_(t)
+        start += n
 
 
 def _factor_product(r: torch.Tensor, jv: torch.Tensor, scale: float) -> torch.Tensor:
