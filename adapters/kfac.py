@@ -1,28 +1,18 @@
 """The ``kfac`` backend: curvlinops' KFAC and EKFAC behind the curvlab interface.
 
 KFAC (Martens & Grosse 2015; Grosse & Martens 2016 for Conv2d) approximates each layer's
-block of the GGN/Fisher by a Kronecker product. For a Linear/Conv2d layer with weight W
-[d_out, d_in] (Conv2d: d_in = c_in*kh*kw) flattened row-major, as curvlab's flat vectors are,
+block of the GGN/Fisher by a Kronecker product G (x) A of the layer inputs' second moment A
+and the backpropagated output-Hessian square roots' (type-2), sampled-label gradients' (MC)
+or true-label gradients' (empirical) second moment G. By default the bias joins the weight
+([W | b], Martens & Grosse 2015 sec. 3), so KFAC is exact for a single Linear layer under
+MSELoss; ``separate_weight_and_bias=True`` gives the bias its own block G. EKFAC (George
+et al. 2018) keeps the eigenbasis Q_G (x) Q_A and replaces the eigenvalues by the data's
+second moments in that basis.
 
-    K_layer = G (x) A,   A = (1/N) sum_n a_n a_n^T,   G = (1/N) sum_n s_n s_n^T
-
-with a_n the layer inputs (patches) and s_n the per-sample backpropagated output-Hessian
-square roots (type-2), sampled-label gradients (MC) or true-label gradients (empirical).
-By default the bias joins the weight ([W | b] with a~ = [a, 1], Martens & Grosse 2015 sec. 3),
-so KFAC is exact for a single Linear layer under MSELoss; ``separate_weight_and_bias=True``
-gives the bias its own block G. EKFAC (George et al. 2018) keeps the eigenbasis
-Q_G (x) Q_A and replaces the eigenvalues by the data's second moments in that basis.
-
-Everything spectral comes from the factors' eigendecompositions A = Q_A diag(l_A) Q_A^T,
-G = Q_G diag(l_G) Q_G^T (computed once, counted in ``n_factorizations``; DESIGN.md sec. 4):
-eigenvalues outer(l_G, l_A), trace tr(G) tr(A), log-determinants, and damped inverses
-
-    exact:     (G (x) A + delta I)^-1 = (Q_G (x) Q_A) diag(1/(l_G l_A^T + delta)) (Q_G (x) Q_A)^T
-    heuristic: (G + sqrt(delta)/pi I)^-1 (x) (A + pi sqrt(delta) I)^-1,
-               pi = sqrt((tr A / dim A) / (tr G / dim G))   (Martens & Grosse 2015 sec. 6.3)
-
-so a new delta costs no refactorization. A bias block on its own uses (G + delta I)^-1 in
-both modes (as curvlinops does).
+This module holds what needs curvlinops: computing the factors (:func:`kronecker_factors`)
+and the estimator (:class:`KFACEstimator`). The algebra on the factors (blocks,
+eigendecompositions, exact and pi damping, preconditioning) is in :mod:`curvlab.kronecker`,
+shared with :class:`curvlab.optim.KFAC`; a new damping costs no refactorization.
 
 Conventions match curvlab's (mean-reduced losses; ``curvature="ggn"``/``"fisher"`` equal
 the autograd backend's where KFAC is exact). curvlinops scales the empirical Fisher of
@@ -33,15 +23,13 @@ The estimator runs curvlinops on its hook-free view of the model (:mod:`curvlab.
 curvlinops' temporary hooks go on the view, the user's hooks never fire, buffers and
 ``.grad`` of the user's model are never written, and batch ``i`` runs under the estimator's
 seed ``seed + i``. A parameter used by two layers (tied weights) would sit in two Kronecker
-blocks and is refused. :func:`kronecker_factors` and :func:`precondition` are shared with
-:class:`curvlab.optim.KFAC`.
+blocks and is refused.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -58,6 +46,19 @@ from curvlab.errors import (
     UnsupportedModelError,
 )
 from curvlab.estimator import CurvatureEstimator
+from curvlab.kronecker import (
+    KroneckerBlock,
+    LayerEigen,
+    block_eigenvalues,
+    count_factors,
+    eigendecompose,
+    exact_inverse,
+    heuristic_inverse,
+    layer_blocks,
+    precondition,
+    refuse_shared,
+    split_params,
+)
 from curvlab.losses import LIKELIHOOD_LOSSES, LossSpec
 from curvlab.model_view import seeded_rng
 
@@ -78,87 +79,6 @@ def _curvlinops():
         warnings.simplefilter("ignore", FutureWarning)
         import curvlinops
     return curvlinops
-
-
-# ---------------------------------------------------------------------- layers and blocks
-@dataclass(frozen=True)
-class KroneckerBlock:
-    """One Kronecker block: ``kind`` is "joint" ([W | b], factor A of size d_in + 1),
-    "weight" (G (x) A) or "bias" (G); ``weight``/``bias`` index the parameter list."""
-
-    layer: str
-    kind: str
-    weight: int | None
-    bias: int | None
-
-
-@dataclass(frozen=True)
-class LayerEigen:
-    """Eigendecompositions of one layer's factors (``evals_A``/``evecs_A`` None without a
-    weight); ``corrected`` holds EKFAC's eigenvalues per block kind, None for KFAC."""
-
-    evals_A: torch.Tensor | None
-    evecs_A: torch.Tensor | None
-    evals_G: torch.Tensor
-    evecs_G: torch.Tensor
-    corrected: dict[str, torch.Tensor] | None = None
-
-
-def split_params(model: nn.Module, names: Sequence[str]) -> tuple[list[int], list[str]]:
-    """Indices of parameters that are the weight/bias of a Linear or Conv2d, and the
-    descriptions ("name (Module)") of all others."""
-    kfac, other = [], []
-    for i, name in enumerate(names):
-        owner, _, attr = name.rpartition(".")
-        module = model.get_submodule(owner)
-        if isinstance(module, (nn.Linear, nn.Conv2d)) and attr in ("weight", "bias"):
-            if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-                other.append(f"{name} (Conv2d with padding_mode={module.padding_mode!r})")
-                continue
-            kfac.append(i)
-        else:
-            other.append(f"{name} ({type(module).__name__})")
-    return kfac, other
-
-
-def layer_blocks(mapping: dict[str, dict[str, int]], separate: bool) -> list[KroneckerBlock]:
-    """Blocks from curvlinops' {layer: {"weight": i, "bias": j}} parameter mapping."""
-    blocks = []
-    for layer, pos in mapping.items():
-        w, b = pos.get("weight"), pos.get("bias")
-        if w is not None and b is not None and not separate:
-            blocks.append(KroneckerBlock(layer, "joint", w, b))
-            continue
-        if w is not None:
-            blocks.append(KroneckerBlock(layer, "weight", w, None))
-        if b is not None:
-            blocks.append(KroneckerBlock(layer, "bias", None, b))
-    return blocks
-
-
-def kfac_blocks(
-    model: nn.Module, params: Sequence[torch.Tensor], separate_weight_and_bias: bool = False
-) -> list[KroneckerBlock]:
-    """The Kronecker blocks of ``params`` (all Linear/Conv2d weights or biases)."""
-    mapping = _curvlinops().KFACLinearOperator.compute_parameter_mapping(list(params), model)
-    _refuse_shared(mapping)
-    return layer_blocks(mapping, separate_weight_and_bias)
-
-
-def _refuse_shared(mapping: dict[str, dict[str, int]]) -> None:
-    """A parameter in two Kronecker blocks (tied weights) has no Kronecker structure."""
-    owners: dict[int, list[str]] = {}
-    for layer, pos in mapping.items():
-        for index in pos.values():
-            owners.setdefault(index, []).append(layer)
-    shared = {i: layers for i, layers in owners.items() if len(layers) > 1}
-    if shared:
-        i, layers = next(iter(shared.items()))
-        raise UnsupportedModelError(
-            f"parameter {i} is shared by the layers {', '.join(layers)} (tied weights): it "
-            "would sit in two Kronecker blocks, which is not a Kronecker-factored matrix; untie "
-            "the weights, pass params= without it, or use the 'autograd' or 'backpack' backend"
-        )
 
 
 # ---------------------------------------------------------------------- factor computation
@@ -242,7 +162,7 @@ def kronecker_factors(
     with leave_model_as_found(model):
         try:
             mapping = cls.compute_parameter_mapping(list(params), model)
-            _refuse_shared(mapping)
+            refuse_shared(mapping)
             op = cls(
                 model,
                 loss_fn,
@@ -287,16 +207,12 @@ def kronecker_factors(
     result = KroneckerFactors(op, blocks, factors, scale)
     if ekfac:
         result.eigen = _ekfac_eigen(op, blocks, factors, scale)
-        result.n_factorizations = _count_factors(factors)
+        result.n_factorizations = count_factors(factors)
     return result
 
 
 def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.clone()
-
-
-def _count_factors(factors: dict) -> int:
-    return sum(int(a is not None) + 1 for a, _ in factors.values())
 
 
 def _ekfac_eigen(op, blocks, factors, scale) -> dict[str, LayerEigen]:
@@ -321,108 +237,6 @@ def _ekfac_eigen(op, blocks, factors, scale) -> dict[str, LayerEigen]:
             evecs_G=qg,
             corrected=per_block,
         )
-    return out
-
-
-def _eigh(M: torch.Tensor):
-    """eigh of the symmetrized factor, retried in float64 when LAPACK does not converge
-    (float32 factors of zero-padded inputs have clusters of equal eigenvalues)."""
-    M = (M + M.T) / 2
-    try:
-        return torch.linalg.eigh(M)
-    except torch.linalg.LinAlgError:
-        values, vectors = torch.linalg.eigh(M.double())
-        return torch.return_types.linalg_eigh((values.to(M.dtype), vectors.to(M.dtype)))
-
-
-def eigendecompose(A: torch.Tensor | None, G: torch.Tensor) -> LayerEigen:
-    """eigh of each factor; eigenvalues clamped at 0 (the factors are PSD)."""
-    eA = None if A is None else _eigh(A)
-    eG = _eigh(G)
-    return LayerEigen(
-        evals_A=None if eA is None else eA.eigenvalues.clamp_min(0),
-        evecs_A=None if eA is None else eA.eigenvectors,
-        evals_G=eG.eigenvalues.clamp_min(0),
-        evecs_G=eG.eigenvectors,
-    )
-
-
-# ---------------------------------------------------------------------- block arithmetic
-def _input_evals(block: KroneckerBlock, eig: LayerEigen) -> torch.Tensor:
-    return eig.evals_A if block.kind != "bias" else eig.evals_G.new_ones(1)
-
-
-def block_eigenvalues(block: KroneckerBlock, eig: LayerEigen) -> torch.Tensor:
-    """[d_out, d_in'] eigenvalues of the block in the basis Q_G (x) Q_A."""
-    if eig.corrected is not None:
-        return eig.corrected[block.kind]
-    return torch.outer(eig.evals_G, _input_evals(block, eig))
-
-
-def exact_inverse(delta: float) -> Callable[[KroneckerBlock, LayerEigen], torch.Tensor]:
-    """Eigenvalue map of (K + delta I)^-1."""
-    return lambda block, eig: 1.0 / (block_eigenvalues(block, eig) + delta)
-
-
-def heuristic_inverse(
-    delta: float, min_damping: float = 1e-8
-) -> Callable[[KroneckerBlock, LayerEigen], torch.Tensor]:
-    """Eigenvalue map of (G + sqrt(delta)/pi I)^-1 (x) (A + pi sqrt(delta) I)^-1."""
-
-    def scaling(block: KroneckerBlock, eig: LayerEigen) -> torch.Tensor:
-        if eig.corrected is not None:
-            raise UnsupportedCapabilityError(
-                "heuristic (pi) damping needs separate Kronecker factors; EKFAC supports "
-                "exact damping only: use heuristic=False"
-            )
-        lam_A, lam_G = _input_evals(block, eig), eig.evals_G
-        d_A = d_G = delta
-        mean_A, mean_G = float(lam_A.mean()), float(lam_G.mean())
-        if block.kind != "bias" and mean_A >= 0 and mean_G > 0:
-            pi = math.sqrt(mean_A / mean_G)
-            d_A = max(pi * math.sqrt(delta), min_damping)
-            d_G = max(math.sqrt(delta) / pi, min_damping)
-        elif block.kind == "bias":
-            d_A = 0.0  # a lone bias block: (G + delta I)^-1
-        return 1.0 / torch.outer(lam_G + d_G, lam_A + d_A)
-
-    return scaling
-
-
-def precondition(
-    blocks: Sequence[KroneckerBlock],
-    eigen: dict[str, LayerEigen],
-    tensors: Sequence[torch.Tensor],
-    scaling: Callable[[KroneckerBlock, LayerEigen], torch.Tensor],
-) -> list[torch.Tensor]:
-    """Apply (Q_G (x) Q_A) diag(S) (Q_G (x) Q_A)^T blockwise, S = scaling(block, eigen):
-    M -> Q_G (S * (Q_G^T M Q_A)) Q_A^T on the [d_out, d_in'] matrix form M of each block.
-
-    ``tensors[i]`` is [k, *shape of parameter i] (k columns); the result has the same
-    layout (entries of parameters outside ``blocks`` are returned as given).
-    """
-    out = list(tensors)
-    for block in blocks:
-        eig = eigen[block.layer]
-        parts = []
-        if block.weight is not None:
-            w = tensors[block.weight]
-            parts.append(w.reshape(w.shape[0], w.shape[1], -1))
-        if block.bias is not None:
-            b = tensors[block.bias]
-            parts.append(b.reshape(b.shape[0], b.shape[1], 1))
-        M = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # [k, d_out, d_in']
-        qg = eig.evecs_G
-        if block.kind == "bias":
-            M = qg @ (scaling(block, eig) * (qg.T @ M))
-        else:
-            qa = eig.evecs_A
-            M = qg @ (scaling(block, eig) * (qg.T @ M @ qa)) @ qa.T
-        if block.weight is not None:
-            shape = tensors[block.weight].shape
-            out[block.weight] = M[:, :, : math.prod(shape[2:])].reshape(shape)
-        if block.bias is not None:
-            out[block.bias] = M[:, :, -1].reshape(tensors[block.bias].shape)
     return out
 
 
@@ -590,7 +404,7 @@ class KFACEstimator(CurvatureEstimator):
         computed = self._computed()
         if self._eigen is None:
             self._eigen = {k: eigendecompose(a, g) for k, (a, g) in computed.factors.items()}
-            self.n_factorizations += _count_factors(computed.factors)
+            self.n_factorizations += count_factors(computed.factors)
         return self._eigen
 
     def kfac_eigenvalues(self) -> torch.Tensor:

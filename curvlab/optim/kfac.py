@@ -6,10 +6,10 @@ For each Linear/Conv2d layer (weight and bias joined as [W | b], Martens & Gross
     d   = (G_t (x) A_t + delta I)^-1 g        (exact damping, default)
     d   = (G_t + sqrt(delta)/pi I)^-1 (x) (A_t + pi sqrt(delta) I)^-1 g   (heuristic=True)
 
-with A(batch), G(batch) the KFAC factors of the current batch computed by curvlinops
-through :func:`curvlab.adapters.kfac.kronecker_factors` (the ``kfac`` backend's code). The
-inverse is applied through the eigendecompositions of A_t and G_t, refreshed every
-``inverse_update_every`` steps, so a new delta (a damping schedule, a
+with A(batch), G(batch) the KFAC factors of the current batch from the ``kfac`` backend
+(curvlinops on a private hook-free view of the model, reached through the registry). The
+inverse is applied through the eigendecompositions of A_t and G_t (:mod:`curvlab.kronecker`),
+refreshed every ``inverse_update_every`` steps, so a new delta (a damping schedule, a
 LinearShrinkageDamper) costs no refactorization; ``n_factorizations`` counts them.
 
 KL clipping (Ba et al. 2017, as in kfac-pytorch): the preconditioned directions of all
@@ -31,11 +31,25 @@ from torch import nn
 from torch.optim import Optimizer
 
 from curvlab._params import resolve_params
-from curvlab.errors import CurvlabWarning, InvalidInputError
+from curvlab.errors import CurvlabWarning, InvalidInputError, NumericalError
+from curvlab.kronecker import (
+    LayerEigen,
+    count_factors,
+    eigendecompose,
+    exact_inverse,
+    heuristic_inverse,
+    kronecker_blocks,
+    precondition,
+    split_params,
+)
 from curvlab.losses import LIKELIHOOD_LOSSES, LossSpec
+from curvlab.model_view import unwrap
 from curvlab.optim.lanczos_opt import DampingSource, resolve_damping
+from curvlab.registry import estimator, resolve
 
 _FISHER_TYPES = ("mc", "type-2", "empirical")
+#: fisher_type -> the ``kfac`` backend's curvature and options
+_BACKEND_CURVATURE = {"type-2": "ggn", "mc": "fisher", "empirical": "ef"}
 _EIG_KEYS = ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G")
 
 
@@ -44,21 +58,124 @@ def _finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     return not flat or bool(torch.isfinite(torch.cat(flat)).all())
 
 
-class KFAC(Optimizer):
-    """K-FAC optimizer on curvlinops' factors with exact (or pi-) damping.
+class BatchCapture:
+    """The batches of a standard training loop, seen by forward-pre hooks that exist only
+    between :meth:`arm` and :meth:`release`.
 
-    Usage::
+    While armed, every call ``model(x)`` and ``loss_fn(output, y)`` made with gradients
+    enabled records ``x`` and ``y`` (no copies, nothing else is read or changed); calls
+    under ``torch.no_grad()`` (evaluation) are ignored. :meth:`batches` pairs them in call
+    order. Problems (keyword inputs, several inputs) are reported there, never inside the
+    user's forward.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module):
+        self.model, self.loss_fn = model, loss_fn
+        self._handles: list = []
+        self.inputs: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        self.problem: str | None = None
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self) -> None:
+        """Forget what was recorded and (re)install the two hooks."""
+        self.release()
+        self.inputs, self.targets, self.problem = [], [], None
+        self._handles = [
+            self.model.register_forward_pre_hook(self._on_model, with_kwargs=True),
+            self.loss_fn.register_forward_pre_hook(self._on_loss, with_kwargs=True),
+        ]
+
+    def release(self) -> None:
+        """Remove the hooks (the recordings stay until the next :meth:`arm`)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _on_model(self, module, args, kwargs) -> None:
+        if not torch.is_grad_enabled():
+            return
+        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+            self.problem = (
+                "the model was called with other than one positional tensor input; KFAC's "
+                "standard loop needs model(x)"
+            )
+            return
+        self.inputs.append(args[0].detach())
+
+    def _on_loss(self, module, args, kwargs) -> None:
+        if not torch.is_grad_enabled():
+            return
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        if not isinstance(target, torch.Tensor):
+            self.problem = "loss_fn was called without a target tensor: call loss_fn(output, y)"
+            return
+        self.targets.append(target.detach())
+
+    def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The recorded (x, y) pairs.
+
+        Raises
+        ------
+        InvalidInputError
+            Nothing recorded, unequal numbers of model and loss calls, or unusable calls.
+        """
+        fix = "or call opt.step((x, y)) with the batch"
+        if self.problem is not None:
+            raise InvalidInputError(f"{self.problem} ({fix})")
+        if not self.inputs or not self.targets:
+            seen = "model" if self.inputs else "loss_fn" if self.targets else "model or loss_fn"
+            raise InvalidInputError(
+                f"KFAC saw no call of the {seen} since the last step: call opt.zero_grad() "
+                "before the forward pass, compute the loss with the loss_fn given to KFAC "
+                f"(loss = loss_fn(model(x), y)), then loss.backward() and opt.step(); {fix}"
+            )
+        sizes = [(int(x.shape[0]), int(y.shape[0])) for x, y in zip(self.inputs, self.targets)]
+        if len(self.inputs) != len(self.targets) or any(a != b for a, b in sizes):
+            raise InvalidInputError(
+                f"KFAC saw {len(self.inputs)} model calls and {len(self.targets)} loss calls "
+                "with gradients enabled since opt.zero_grad() that do not pair up as "
+                "loss_fn(model(x), y); run other forward passes under torch.no_grad(), "
+                + fix
+            )
+        return list(zip(self.inputs, self.targets))
+
+
+class KFAC(Optimizer):
+    """K-FAC optimizer on the ``kfac`` backend's factors with exact (or pi-) damping.
+
+    Usage: the usual loop, or one call per batch::
 
         opt = KFAC(model, nn.CrossEntropyLoss(), lr=0.1, damping=1e-3)
         for x, y in loader:
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)    # loss_fn: the object given to KFAC
+            loss.backward()
+            opt.step()
+
+        for x, y in loader:
             loss = opt.step((x, y))        # forward, gradient, factors, update
 
-    ``step(batch)`` evaluates ``loss_fn(model(x), y)``, differentiates it with
-    ``torch.autograd.grad`` (``.grad`` is neither read nor written), updates the factors and
-    the parameters, and returns the detached loss. The factors come from a second forward
-    pass on the same batch (curvlinops'; buffers such as BatchNorm statistics are restored
-    after it, dropout draws fresh masks). Learning-rate schedulers work as with any torch
-    optimizer (one param group).
+    **The usual loop** (``step()`` or ``step(closure)``): the direction preconditions the
+    gradients in ``.grad``; the factors come from the batches the model saw since
+    ``zero_grad()`` (several under gradient accumulation, averaged over their samples).
+    KFAC sees them through two forward-pre hooks, on the model and on ``loss_fn``, that
+    record ``x`` and ``y`` of calls made with gradients enabled; they are installed by
+    ``zero_grad()`` (and at construction) and removed by ``step()``, so after a step
+    neither object carries a hook of KFAC's, and forward passes under ``torch.no_grad()``
+    are ignored. **step(batch)** evaluates ``loss_fn(model(x), y)``, differentiates it
+    with ``torch.autograd.grad`` (``.grad`` is neither read nor written), updates the
+    factors and the parameters, and returns the detached loss. Both give the same
+    parameters, bitwise, on the same batches.
+
+    Either way the factors come from a second pass on the batch through the ``kfac``
+    backend (curvlinops on a private hook-free view of the model: the model's own hooks,
+    such as kfac-pytorch's, never fire, BatchNorm statistics are not updated, and dropout
+    draws its masks from ``seed + step``, leaving the global RNG untouched). Learning-rate
+    schedulers work as with any torch optimizer (one param group).
 
     Parameters
     ----------
@@ -110,8 +227,6 @@ class KFAC(Optimizer):
         kfac_approx: str = "expand",
         seed: int = 0,
     ):
-        from curvlab.adapters import kfac as backend  # lazy: core never imports adapters
-
         if not lr > 0:
             raise InvalidInputError(f"lr must be positive, got {lr!r}")
         if not 0 <= factor_decay < 1:
@@ -144,7 +259,8 @@ class KFAC(Optimizer):
         is_number = isinstance(damping, numbers.Real)
         if is_number:
             resolve_damping(damping, 0)
-        chosen, names = resolve_params(model, params)
+        module = unwrap(model)
+        chosen, names = resolve_params(module, params)
         defaults = {
             "lr": lr,
             "damping": float(damping) if is_number else None,
@@ -155,24 +271,27 @@ class KFAC(Optimizer):
         }
         super().__init__(chosen, defaults)
         self._damping_source = None if is_number else damping
-        self.model, self.loss_fn, self._backend = model, loss_fn, backend
+        self.model, self.loss_fn = model, loss_fn
         self.factor_update_every = factor_update_every
         self.inverse_update_every = inverse_update_every
         self.heuristic_damping, self.fisher_type = heuristic_damping, fisher_type
         self.mc_samples, self.kfac_approx, self.seed = mc_samples, kfac_approx, int(seed)
         self.n_factorizations = 0
         self._params = list(chosen)
-        kfac_idx, other = backend.split_params(model, names)
+        kfac_idx, other = split_params(module, names)
         self._kfac_idx = kfac_idx
-        self._blocks = (
-            backend.kfac_blocks(model, [chosen[i] for i in kfac_idx]) if kfac_idx else []
-        )
+        self._blocks = kronecker_blocks(module, [chosen[i] for i in kfac_idx]) if kfac_idx else []
+        if self._blocks:
+            resolve("kfac")  # the factors' backend: a clear install hint if it is missing
         self._layers = list(dict.fromkeys(b.layer for b in self._blocks))
         # each layer's state lives with its first parameter
         self._anchor = {}
         for b in self._blocks:
             first = b.weight if b.weight is not None else b.bias
             self._anchor.setdefault(b.layer, chosen[kfac_idx[first]])
+        self._capture = BatchCapture(model, loss_fn)
+        if self._blocks:
+            self._capture.arm()
         if other:
             warnings.warn(
                 "KFAC preconditions the weights and biases of Linear and Conv2d layers only; "
@@ -207,39 +326,53 @@ class KFAC(Optimizer):
         group["damping"] = value
         return value
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients (as torch's optimizers do) and start recording the batches of
+        the next forward passes (see the class docstring)."""
+        super().zero_grad(set_to_none)
+        if self._blocks:
+            self._capture.arm()
+
     # ------------------------------------------------------------------ step
     def _check_batch(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise InvalidInputError(
-                "KFAC.step needs the batch: call opt.step((x, y)) (see the class docstring)"
+                "KFAC.step takes the batch (x, y), a closure, or nothing after "
+                "loss.backward(): call opt.step((x, y)) or opt.step() (see the class docstring)"
             )
         return batch[0], batch[1]
 
-    def _skip(self, what: str, loss: torch.Tensor, buffers) -> torch.Tensor:
-        with torch.no_grad():  # the forward pass updated BatchNorm statistics: undo it
-            for b, value in buffers:
-                b.copy_(value)
+    @staticmethod
+    def _skip(what: str, buffers=None) -> None:
+        if buffers is not None:
+            with torch.no_grad():  # our forward pass updated BatchNorm statistics: undo it
+                for b, value in buffers:
+                    b.copy_(value)
         warnings.warn(
             f"KFAC skipped a step: the {what} is not finite; parameters, factors and momentum "
             "are unchanged (lower the learning rate or raise the damping)",
             CurvlabWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        return loss.detach()
 
-    def _new_factors(self, x, y, step: int, group: dict) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Running averages after this step's factor update."""
-        kfac_params = [self._params[i] for i in self._kfac_idx]
-        fresh = self._backend.kronecker_factors(
+    def _new_factors(self, batches, step: int, group: dict) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Running averages after this step's factor update (NumericalError if the batch
+        factors are not finite)."""
+        options = {"kfac_approx": self.kfac_approx}
+        if self.fisher_type == "mc":
+            options.update(fisher_type="mc", mc_samples=self.mc_samples)
+        fresh = estimator(
+            "kfac",
             self.model,
             self.loss_fn,
-            kfac_params,
-            [(x, y)],
-            fisher_type=self.fisher_type,
-            mc_samples=self.mc_samples,
+            batches,
+            curvature=_BACKEND_CURVATURE[self.fisher_type],
+            params=[self._params[i] for i in self._kfac_idx],
             seed=self.seed + step,
-            kfac_approx=self.kfac_approx,
-        ).factors
+            cache=False,
+            distributed=False,
+            **options,
+        ).factors()
         decay = group["factor_decay"]
         out = {}
         for layer, (A, G) in fresh.items():
@@ -252,54 +385,95 @@ class KFAC(Optimizer):
 
     def _eigen(self, factors: dict, refresh: bool) -> dict:
         if refresh:
-            eig = {layer: self._backend.eigendecompose(A, G) for layer, (A, G) in factors.items()}
-            self.n_factorizations += sum(int(A is not None) + 1 for A, _ in factors.values())
+            eig = {layer: eigendecompose(A, G) for layer, (A, G) in factors.items()}
+            self.n_factorizations += count_factors(factors)
             return eig
         return {
-            layer: self._backend.LayerEigen(*(self.state[a][k] for k in _EIG_KEYS))
+            layer: LayerEigen(*(self.state[a][k] for k in _EIG_KEYS))
             for layer, a in self._anchor.items()
         }
 
     def step(  # type: ignore[override]
-        self, batch: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
-        """One KFAC update on ``batch = (x, y)``; returns the detached loss."""
+        self, batch=None
+    ) -> torch.Tensor | None:
+        """One KFAC update.
+
+        Parameters
+        ----------
+        batch : (x, y), callable or None, default None
+            A batch: KFAC evaluates the loss and its gradient itself. None (after
+            ``loss.backward()``) or a closure that zeroes the gradients, evaluates the loss,
+            calls ``backward`` and returns the loss: the gradients in ``.grad`` are used.
+
+        Returns
+        -------
+        torch.Tensor or None
+            The detached loss for a batch, the closure's loss, or None.
+        """
+        if batch is None or callable(batch):
+            return self._standard_step(batch)
         x, y = self._check_batch(batch)
-        group = self.param_groups[0]
+        self._capture.release()
         params = self._params
-        step = self.steps
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         with torch.enable_grad():
             loss = self.loss_fn(self.model(x), y)
             if loss.numel() != 1:
                 raise InvalidInputError("loss_fn must return a scalar (reduction='mean')")
             if not torch.isfinite(loss):
-                return self._skip("loss", loss, buffers)
+                self._skip("loss", buffers)
+                return loss.detach()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        if not _finite(grads):
-            return self._skip("gradient", loss, buffers)
-        delta = self._damping(step)
+        failed = self._update(grads, lambda: [(x, y)])
+        if failed is not None:
+            self._skip(failed, buffers)
+        return loss.detach()
 
+    def _standard_step(self, closure) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._capture.release()
+        if all(p.grad is None for p in self._params):
+            raise InvalidInputError(
+                "the parameters have no gradients: call loss.backward() before opt.step(), "
+                "or pass the batch, opt.step((x, y))"
+            )
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
+        failed = self._update(grads, self._capture.batches)
+        if failed is not None:
+            self._skip(failed)
+        return loss
+
+    def _update(self, grads: list[torch.Tensor], batches) -> str | None:
+        """Precondition ``grads`` and update the parameters, factors and step count; on a
+        non-finite quantity change nothing and return its name. ``batches()`` gives the
+        batches of this step's factor update."""
+        if not _finite(grads):
+            return "gradient"
+        group = self.param_groups[0]
+        step = self.steps
+        delta = self._damping(step)
         directions = list(grads)
         factors, eigen = {}, {}
         if self._blocks:
             has_state = "G" in self.state[self._anchor[self._layers[0]]]
             if step % self.factor_update_every == 0 or not has_state:
-                factors = self._new_factors(x, y, step, group)
+                try:
+                    factors = self._new_factors(batches(), step, group)
+                except NumericalError:
+                    return "Kronecker factors"
                 if not _finite(t for f in factors.values() for t in f):
-                    return self._skip("Kronecker factors", loss, buffers)
+                    return "Kronecker factors"
             else:
                 factors = self.factors()
             refresh = step % self.inverse_update_every == 0 or not has_state
             eigen = self._eigen(factors, refresh)
-            scaling = (
-                self._backend.heuristic_inverse(delta)
-                if self.heuristic_damping
-                else self._backend.exact_inverse(delta)
-            )
+            scaling = heuristic_inverse(delta) if self.heuristic_damping else exact_inverse(delta)
             local = [grads[i][None] for i in self._kfac_idx]
-            pre = [d[0] for d in self._backend.precondition(self._blocks, eigen, local, scaling)]
+            pre = [d[0] for d in precondition(self._blocks, eigen, local, scaling)]
             nu = 1.0
             if group["kl_clip"] is not None:
                 vg = sum(float((d * g[0]).sum()) for d, g in zip(pre, local))
@@ -308,12 +482,10 @@ class KFAC(Optimizer):
             for i, d in zip(self._kfac_idx, pre):
                 directions[i] = d if nu == 1.0 else nu * d
             if not _finite(directions):
-                return self._skip("preconditioned direction", loss, buffers)
-
+                return "preconditioned direction"
         self._commit(directions, factors, eigen, group)
-        self.state[params[0]]["step"] = step + 1
-        return loss.detach()
-
+        self.state[self._params[0]]["step"] = step + 1
+        return None
     @torch.no_grad()
     def _commit(self, directions, factors, eigen, group) -> None:
         for layer, anchor in self._anchor.items():
