@@ -170,3 +170,19 @@ def digits_logreg():
     torch.manual_seed(0)
     model = nn.Linear(64, 10).to(torch.float64)
     return model, nn.CrossEntropyLoss(), (x, y)
+
+
+# ---------------------------------------------------------------------- the case zoo
+@pytest.fixture(scope="session")
+def zoo_cache() -> dict:
+    """Session-wide cache of the case zoo's references (tests/cases.py, tests/references.py),
+    keyed by what they depend on; each reference is built once and shared by all backends."""
+    return {}
+
+
+@pytest.fixture
+def global_rng_untouched():
+    """Fails the test if its body reads-and-advances or reseeds the global CPU RNG."""
+    state = torch.random.get_rng_state()
+    yield
+    assert torch.equal(state, torch.random.get_rng_state()), "the global RNG was advanced"
