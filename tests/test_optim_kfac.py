@@ -305,3 +305,138 @@ def test_works_with_lr_schedulers():
         opt.step(batch)
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.5**3)
+
+
+# ---------------------------------------------------------------------- the usual loop
+HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def hook_count(*modules):
+    return sum(len(getattr(m, t)) for top in modules for m in top.modules() for t in HOOK_TABLES)
+
+
+class DropoutCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.tanh(self.conv(x))).flatten(1))
+
+
+def kfac_run(fisher_type):
+    torch.manual_seed(0)
+    model = DropoutCNN().double()
+    loss_fn = nn.CrossEntropyLoss()
+    opt = KFAC(model, loss_fn, lr=0.2, damping=lambda t: 1e-2 / (1 + t), momentum=0.9,
+               weight_decay=1e-3, kl_clip=1e-2, factor_update_every=2, inverse_update_every=3,
+               fisher_type=fisher_type, seed=7)
+    return model, loss_fn, opt
+
+
+@pytest.mark.parametrize("fisher_type", ["mc", "type-2", "empirical"])
+def test_usual_loop_gives_the_batch_steps_trajectory_bitwise(fisher_type):
+    data = [make_data("cnn", seed=s % 3) for s in range(7)]
+    model_b, _, by_batch = kfac_run(fisher_type)
+    model_u, loss_fn_u, usual = kfac_run(fisher_type)
+    torch.manual_seed(11)  # dropout masks of the training forward passes: the same draws
+    for batch in data:
+        by_batch.step(batch)
+    torch.manual_seed(11)
+    for x, y in data:
+        usual.zero_grad()
+        loss_fn_u(model_u(x), y).backward()
+        grads = [p.grad.clone() for p in model_u.parameters()]
+        assert hook_count(model_u, loss_fn_u) == 2  # recording x and y until the step
+        assert usual.step() is None
+        assert hook_count(model_u, loss_fn_u) == 0  # removed by the step
+        assert all(torch.equal(p.grad, g) for p, g in zip(model_u.parameters(), grads))
+    for p, q in zip(model_b.parameters(), model_u.parameters()):
+        assert torch.equal(p, q)
+    for (a1, g1), (a2, g2) in zip(by_batch.factors().values(), usual.factors().values()):
+        assert torch.equal(a1, a2) and torch.equal(g1, g2)
+    assert usual.steps == by_batch.steps == len(data)
+    assert hook_count(model_u, loss_fn_u) == 0
+    # the factors' pass drew its dropout masks from seed + step, not from the global RNG:
+    # the same seed reproduces the run, and the trajectory moved (the test can fail)
+    model_r, _, rerun = kfac_run(fisher_type)
+    torch.manual_seed(11)
+    for batch in data:
+        rerun.step(batch)
+    assert all(torch.equal(p, q) for p, q in zip(model_r.parameters(), model_b.parameters()))
+    assert not torch.equal(flat(model_b), flat(kfac_run(fisher_type)[0]))
+
+
+def test_closure_and_gradient_accumulation():
+    model, loss_fn, batches = linear_mse()
+    x, y = batches[0]
+    reference, _, _ = linear_mse()
+    ref = KFAC(reference, loss_fn, lr=0.3, damping=0.1, fisher_type="type-2")
+    ref.step((x, y))
+    # a closure: the same step, and the closure's loss is returned
+    closed_model, _, _ = linear_mse()
+    closed = KFAC(closed_model, loss_fn, lr=0.3, damping=0.1, fisher_type="type-2")
+
+    def closure():
+        closed.zero_grad()
+        loss = loss_fn(closed_model(x), y)
+        loss.backward()
+        return loss
+
+    loss = closed.step(closure)
+    assert torch.equal(loss, loss_fn(linear_mse()[0](x), y))  # the loss before the step
+    assert torch.equal(flat(closed_model), flat(reference))
+    # two half batches accumulated before one step: the factors average all 20 samples and
+    # the gradient is the full batch's, so the step equals the full-batch step (float64)
+    opt = KFAC(model, loss_fn, lr=0.3, damping=0.1, fisher_type="type-2")
+    opt.zero_grad()
+    for half in (slice(0, 10), slice(10, 20)):
+        (loss_fn(model(x[half]), y[half]) / 2).backward()
+    opt.step()
+    assert torch.allclose(flat(model), flat(reference), rtol=0, atol=1e-13)
+    for (a1, g1), (a2, g2) in zip(opt.factors().values(), ref.factors().values()):
+        assert torch.allclose(a1, a2, rtol=1e-13, atol=0)
+        assert torch.allclose(g1, g2, rtol=1e-13, atol=0)
+
+
+def test_usual_loop_ignores_evaluation_passes_and_explains_misuse():
+    model, loss_fn, batches = linear_mse()
+    x, y = batches[0]
+    opt = KFAC(model, loss_fn, lr=0.1, damping=0.1, fisher_type="type-2")
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    with torch.no_grad():
+        loss_fn(model(batches[1][0]), batches[1][1])  # a validation pass is not recorded
+    opt.step()
+    assert opt.steps == 1 and hook_count(model, loss_fn) == 0
+    # a step without zero_grad(): nothing was recorded for the factor update
+    loss_fn(model(x), y).backward()
+    with pytest.raises(InvalidInputError, match=r"opt.zero_grad\(\) before the forward"):
+        opt.step()
+    # the loss computed with another object than the loss_fn given to KFAC
+    opt.zero_grad()
+    nn.MSELoss()(model(x), y).backward()
+    with pytest.raises(InvalidInputError, match="loss_fn given to KFAC"):
+        opt.step()
+    # two training forward passes for one loss do not pair up
+    opt.zero_grad()
+    model(x)
+    loss_fn(model(x), y).backward()
+    with pytest.raises(InvalidInputError, match="2 model calls and 1 loss calls"):
+        opt.step()
+    assert opt.steps == 1 and hook_count(model, loss_fn) == 0
+    # a model called with keyword inputs
+    opt.zero_grad()
+    loss_fn(model(input=x), y).backward()
+    with pytest.raises(InvalidInputError, match="one positional tensor input"):
+        opt.step()
+
+
+def test_batch_steps_leave_no_hooks():
+    model, loss_fn, batches = linear_mse()
+    opt = KFAC(model, loss_fn, lr=0.1, damping=0.1)
+    assert hook_count(model, loss_fn) == 2  # armed for a usual loop's first forward pass
+    opt.step(batches[0])
+    assert hook_count(model, loss_fn) == 0

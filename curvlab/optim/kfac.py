@@ -25,6 +25,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -58,62 +59,14 @@ def _finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     return not flat or bool(torch.isfinite(torch.cat(flat)).all())
 
 
-class BatchCapture:
-    """The batches of a standard training loop, seen by forward-pre hooks that exist only
-    between :meth:`arm` and :meth:`release`.
+@dataclass
+class Recorded:
+    """What a :class:`BatchCapture` saw: the model's inputs and the loss targets, in call
+    order, and a problem with a call (reported by :meth:`batches`)."""
 
-    While armed, every call ``model(x)`` and ``loss_fn(output, y)`` made with gradients
-    enabled records ``x`` and ``y`` (no copies, nothing else is read or changed); calls
-    under ``torch.no_grad()`` (evaluation) are ignored. :meth:`batches` pairs them in call
-    order. Problems (keyword inputs, several inputs) are reported there, never inside the
-    user's forward.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: nn.Module):
-        self.model, self.loss_fn = model, loss_fn
-        self._handles: list = []
-        self.inputs: list[torch.Tensor] = []
-        self.targets: list[torch.Tensor] = []
-        self.problem: str | None = None
-
-    @property
-    def armed(self) -> bool:
-        return bool(self._handles)
-
-    def arm(self) -> None:
-        """Forget what was recorded and (re)install the two hooks."""
-        self.release()
-        self.inputs, self.targets, self.problem = [], [], None
-        self._handles = [
-            self.model.register_forward_pre_hook(self._on_model, with_kwargs=True),
-            self.loss_fn.register_forward_pre_hook(self._on_loss, with_kwargs=True),
-        ]
-
-    def release(self) -> None:
-        """Remove the hooks (the recordings stay until the next :meth:`arm`)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _on_model(self, module, args, kwargs) -> None:
-        if not torch.is_grad_enabled():
-            return
-        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
-            self.problem = (
-                "the model was called with other than one positional tensor input; KFAC's "
-                "standard loop needs model(x)"
-            )
-            return
-        self.inputs.append(args[0].detach())
-
-    def _on_loss(self, module, args, kwargs) -> None:
-        if not torch.is_grad_enabled():
-            return
-        target = args[1] if len(args) > 1 else kwargs.get("target")
-        if not isinstance(target, torch.Tensor):
-            self.problem = "loss_fn was called without a target tensor: call loss_fn(output, y)"
-            return
-        self.targets.append(target.detach())
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    targets: list[torch.Tensor] = field(default_factory=list)
+    problem: str | None = None
 
     def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The recorded (x, y) pairs.
@@ -127,7 +80,7 @@ class BatchCapture:
         if self.problem is not None:
             raise InvalidInputError(f"{self.problem} ({fix})")
         if not self.inputs or not self.targets:
-            seen = "model" if self.inputs else "loss_fn" if self.targets else "model or loss_fn"
+            seen = "model" if self.targets else "loss_fn" if self.inputs else "model or loss_fn"
             raise InvalidInputError(
                 f"KFAC saw no call of the {seen} since the last step: call opt.zero_grad() "
                 "before the forward pass, compute the loss with the loss_fn given to KFAC "
@@ -138,10 +91,63 @@ class BatchCapture:
             raise InvalidInputError(
                 f"KFAC saw {len(self.inputs)} model calls and {len(self.targets)} loss calls "
                 "with gradients enabled since opt.zero_grad() that do not pair up as "
-                "loss_fn(model(x), y); run other forward passes under torch.no_grad(), "
-                + fix
+                f"loss_fn(model(x), y); run other forward passes under torch.no_grad(), {fix}"
             )
         return list(zip(self.inputs, self.targets))
+
+
+class BatchCapture:
+    """The batches of a standard training loop, seen by forward-pre hooks that exist only
+    between :meth:`arm` and :meth:`release`.
+
+    While armed, every call ``model(x)`` and ``loss_fn(output, y)`` made with gradients
+    enabled records ``x`` and ``y`` (no copies, nothing else is read or changed); calls
+    under ``torch.no_grad()`` (evaluation) are ignored. Problems (keyword inputs, several
+    inputs) are reported by :meth:`Recorded.batches`, never inside the user's forward.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module):
+        self.model, self.loss_fn = model, loss_fn
+        self._handles: list = []
+        self._recorded = Recorded()
+
+    def arm(self) -> None:
+        """Forget what was recorded and (re)install the two hooks."""
+        self.release()
+        self._handles = [
+            self.model.register_forward_pre_hook(self._on_model, with_kwargs=True),
+            self.loss_fn.register_forward_pre_hook(self._on_loss, with_kwargs=True),
+        ]
+
+    def release(self) -> Recorded:
+        """Remove the hooks and hand over (and forget) what was recorded."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        recorded, self._recorded = self._recorded, Recorded()
+        return recorded
+
+    def _on_model(self, module, args, kwargs) -> None:
+        if not torch.is_grad_enabled():
+            return
+        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+            self._recorded.problem = (
+                "the model was called with other than one positional tensor input; KFAC's "
+                "standard loop needs model(x)"
+            )
+            return
+        self._recorded.inputs.append(args[0].detach())
+
+    def _on_loss(self, module, args, kwargs) -> None:
+        if not torch.is_grad_enabled():
+            return
+        target = args[1] if len(args) > 1 else kwargs.get("target")
+        if not isinstance(target, torch.Tensor):
+            self._recorded.problem = (
+                "loss_fn was called without a target tensor: call loss_fn(output, y)"
+            )
+            return
+        self._recorded.targets.append(target.detach())
 
 
 class KFAC(Optimizer):
@@ -352,7 +358,7 @@ class KFAC(Optimizer):
             f"KFAC skipped a step: the {what} is not finite; parameters, factors and momentum "
             "are unchanged (lower the learning rate or raise the damping)",
             CurvlabWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
 
     def _new_factors(self, batches, step: int, group: dict) -> dict[str, tuple[torch.Tensor, ...]]:
@@ -435,14 +441,14 @@ class KFAC(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._capture.release()
+        recorded = self._capture.release()
         if all(p.grad is None for p in self._params):
             raise InvalidInputError(
                 "the parameters have no gradients: call loss.backward() before opt.step(), "
                 "or pass the batch, opt.step((x, y))"
             )
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self._params]
-        failed = self._update(grads, self._capture.batches)
+        failed = self._update(grads, recorded.batches)
         if failed is not None:
             self._skip(failed)
         return loss
@@ -486,6 +492,7 @@ class KFAC(Optimizer):
         self._commit(directions, factors, eigen, group)
         self.state[self._params[0]]["step"] = step + 1
         return None
+
     @torch.no_grad()
     def _commit(self, directions, factors, eigen, group) -> None:
         for layer, anchor in self._anchor.items():
