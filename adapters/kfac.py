@@ -9,10 +9,12 @@ MSELoss; ``separate_weight_and_bias=True`` gives the bias its own block G. EKFAC
 et al. 2018) keeps the eigenbasis Q_G (x) Q_A and replaces the eigenvalues by the data's
 second moments in that basis.
 
-This module holds what needs curvlinops: computing the factors (:func:`kronecker_factors`)
-and the estimator (:class:`KFACEstimator`). The algebra on the factors (blocks,
-eigendecompositions, exact and pi damping, preconditioning) is in :mod:`curvlab.kronecker`,
-shared with :class:`curvlab.optim.KFAC`; a new damping costs no refactorization.
+This module holds what needs curvlinops: computing the factors (:func:`kronecker_factors`),
+the estimator (:class:`KFACEstimator`), and :class:`DampedKFACInverse`, curvlinops' own
+inverse operator with a damping a LinearShrinkageDamper can drive. The algebra on the
+factors (blocks, eigendecompositions, exact and pi damping, preconditioning) is in
+:mod:`curvlab.kronecker`, shared with :class:`curvlab.optim.KFAC`; a new damping costs no
+refactorization.
 
 Conventions match curvlab's (mean-reduced losses; ``curvature="ggn"``/``"fisher"`` equal
 the autograd backend's where KFAC is exact). curvlinops scales the empirical Fisher of
@@ -459,3 +461,112 @@ def _check_damping(damping) -> float:
     if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0:
         raise InvalidInputError(f"damping must be a float >= 0, got {damping!r}")
     return float(damping)
+
+
+# ---------------------------------------------------------------------- curvlinops' inverse
+class DampedKFACInverse:
+    """curvlinops' ``KFACInverseLinearOperator`` with a damping that can change.
+
+    curvlinops fixes the damping when the inverse is built: in its default mode the cached
+    inverse factors (A + delta I)^-1 and (G + delta I)^-1 have delta folded in, so writing
+    the private ``_damping`` afterwards changes nothing. Setting :attr:`damping` here
+    rebuilds the inverse with the new value (the factors of ``operator`` are reused; the
+    inverse's own factorizations are redone at the next product), so a
+    :class:`~curvlab.LinearShrinkageDamper` drives it through ``attach``::
+
+        kfac = curvlinops.KFACLinearOperator(model, loss_fn, params, data)
+        inverse = DampedKFACInverse(kfac, damping=damper.damping)   # exact damping
+        damper.attach(inverse, key="damping")                       # follows every update
+        direction = inverse @ gradient
+
+    For damping changes that cost no refactorization at all, use the ``kfac`` estimator's
+    :meth:`KFACEstimator.solve` or :class:`curvlab.optim.KFAC`.
+
+    Parameters
+    ----------
+    operator : curvlinops.KFACLinearOperator or curvlinops.EKFACLinearOperator
+        The Kronecker-factored curvature to invert.
+    damping : float
+        delta >= 0 (> 0 with ``heuristic``).
+    exact : bool, default True
+        (K + delta I)^-1 through the factors' eigendecompositions (curvlinops'
+        ``use_exact_damping``); with False, curvlinops' Kronecker-factored damping
+        (G + delta I)^-1 (x) (A + delta I)^-1 (or ``heuristic``).
+    heuristic : bool, default False
+        pi-damping (G + sqrt(delta)/pi I)^-1 (x) (A + pi sqrt(delta) I)^-1 (Martens &
+        Grosse 2015 sec. 6.3); needs ``exact=False``.
+    **options
+        Further keyword arguments of ``KFACInverseLinearOperator`` (``min_damping``,
+        ``cache``, ``retry_double_precision``).
+
+    Attributes
+    ----------
+    operator : curvlinops.KFACInverseLinearOperator
+        The current inverse (rebuilt at each damping change).
+    n_rebuilds : int
+        Inverses built after the first one.
+
+    Examples
+    --------
+    >>> import torch, curvlinops
+    >>> from torch import nn
+    >>> model = nn.Linear(3, 2).double()
+    >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    >>> kfac = curvlinops.KFACLinearOperator(model, nn.MSELoss(), list(model.parameters()),
+    ...                                      [(x, y)], fisher_type="type-2")
+    >>> inverse = DampedKFACInverse(kfac, damping=1e-2)
+    >>> v = torch.ones(8, dtype=torch.float64)
+    >>> first = inverse @ v
+    >>> inverse.damping = 10.0                      # what damper.attach(inverse) does
+    >>> bool(torch.allclose(inverse @ v, first)), inverse.n_rebuilds
+    (False, 1)
+    """
+
+    def __init__(
+        self, operator, damping: float, *, exact: bool = True, heuristic: bool = False, **options
+    ):
+        cl = _curvlinops()
+        if not isinstance(operator, cl.KFACLinearOperator):
+            raise InvalidInputError(
+                "operator must be a curvlinops KFACLinearOperator or EKFACLinearOperator, got "
+                f"{type(operator).__name__}"
+            )
+        if exact and heuristic:
+            raise InvalidInputError("heuristic (pi) damping is not exact: pass exact=False")
+        if isinstance(operator, cl.EKFACLinearOperator) and not exact:
+            raise InvalidInputError("curvlinops inverts EKFAC with exact damping only")
+        self.kfac, self.exact, self.heuristic, self.options = operator, exact, heuristic, options
+        self.n_rebuilds = -1
+        self._damping = -1.0
+        self.damping = damping
+
+    @property
+    def damping(self) -> float:
+        """delta of the current inverse; setting it rebuilds the inverse."""
+        return self._damping
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        value = _check_damping(value)
+        if self.heuristic and value == 0:
+            raise InvalidInputError("heuristic damping needs damping > 0")
+        if value == self._damping:
+            return
+        self.operator = _curvlinops().KFACInverseLinearOperator(
+            self.kfac,
+            damping=value,
+            use_exact_damping=self.exact,
+            use_heuristic_damping=self.heuristic,
+            **self.options,
+        )
+        self._damping = value
+        self.n_rebuilds += 1
+
+    def __matmul__(self, other):
+        """The current inverse times ``other`` (a flat vector, a [P, k] matrix or a list of
+        parameter-shaped tensors, as curvlinops takes them)."""
+        return self.operator @ other
+
+    def __repr__(self) -> str:
+        mode = "exact" if self.exact else "pi" if self.heuristic else "factor-wise"
+        return f"DampedKFACInverse(damping={self._damping:.4g}, {mode} damping)"
