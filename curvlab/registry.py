@@ -181,10 +181,10 @@ register(
         name="kfac-pytorch",
         target="",
         requires=("kfac",),
-        extra=None,
+        extra="kfac-pytorch",
         install_hint=(
-            "kfac-pytorch is not on PyPI: install it from its source repository "
-            "(gpauloski/kfac-pytorch); curvlab integrates with it through "
+            "pip install 'curvlab[kfac-pytorch]' (kfac-pytorch from PyPI, "
+            "gpauloski/kfac-pytorch); curvlab drives its damping through "
             "KFACPreconditioner(damping=curvlab.adapters.kfac_pytorch.damping_schedule(damper))"
         ),
         curvatures=frozenset(),
