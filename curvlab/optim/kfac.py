@@ -185,32 +185,72 @@ class KFAC(Optimizer):
 
     Parameters
     ----------
-    model, loss_fn : the model and a mean-reduced MSELoss, CrossEntropyLoss or
-        BCEWithLogitsLoss (the losses curvlinops' KFAC supports).
-    params : the parameters to train (default: those with ``requires_grad``).
-    lr, momentum, weight_decay : as in torch's SGD (weight decay is not preconditioned,
-        as in kfac-pytorch).
-    damping : delta > 0 — a float (stored in the param group, so ``damper.attach(opt,
+    model : nn.Module
+        The model (a DistributedDataParallel or torch.compile wrapper is unwrapped for the
+        factors; the usual loop records the calls of the object given).
+    loss_fn : nn.Module
+        A mean-reduced MSELoss, CrossEntropyLoss or BCEWithLogitsLoss (the losses
+        curvlinops' KFAC supports).
+    params : iterable of torch.Tensor, optional
+        The parameters to train (default: those with ``requires_grad``).
+    lr : float, default 0.01
+    damping : float, callable or damper, default 1e-3
+        delta > 0: a float (stored in the param group, so ``damper.attach(opt,
         key="damping")`` works), a callable of the step count, or an object with a
         ``damping`` attribute (a LinearShrinkageDamper). Callables and dampers are read at
         every step and not saved in ``state_dict`` (save the damper's own state).
-    factor_decay : running-average weight of the old factors (the first update uses the
-        batch factors as they are).
-    factor_update_every, inverse_update_every : factors are updated at steps t with
-        t % factor_update_every == 0 and eigendecomposed at t % inverse_update_every == 0
-        (t = 0, 1, ...; step 0 does both).
-    kl_clip : None (off) or the KL-clipping bound.
-    heuristic_damping : use pi-damping instead of exact damping.
-    fisher_type : "mc" (default; ``mc_samples`` labels sampled from the model, seeded by
-        ``seed + t``), "type-2" (exact output Hessian; KFAC = GGN for one Linear + MSE) or
-        "empirical".
-    kfac_approx : "expand" or "reduce" (weight sharing, Eschenhagen et al. 2023).
+    factor_decay : float, default 0.95
+        Running-average weight of the old factors (the first update uses the batch factors
+        as they are).
+    factor_update_every, inverse_update_every : int, default 1
+        Factors are updated at steps t with t % factor_update_every == 0 and
+        eigendecomposed at t % inverse_update_every == 0 (t = 0, 1, ...; step 0 does both).
+    momentum, weight_decay : float, default 0
+        As in torch's SGD (weight decay is not preconditioned, as in kfac-pytorch).
+    kl_clip : float or None, default None
+        The KL-clipping bound (None: off).
+    heuristic_damping : bool, default False
+        Use pi-damping instead of exact damping.
+    fisher_type : {"mc", "type-2", "empirical"}, default "mc"
+        "mc": ``mc_samples`` labels sampled from the model, seeded by ``seed + t``;
+        "type-2": the exact output Hessian (KFAC = GGN for one Linear + MSE); "empirical":
+        the true labels' gradients.
+    mc_samples : int, default 1
+    kfac_approx : {"expand", "reduce"}, default "expand"
+        Weight sharing (Eschenhagen et al. 2023).
+    seed : int, default 0
 
+    Notes
+    -----
     A step whose loss, gradient or factors are not finite leaves the parameters, factors,
     momentum and step count unchanged and warns with a :class:`~curvlab.CurvlabWarning`.
-    Parameters outside Linear/Conv2d layers get SGD steps; one warning at construction lists
-    them. The state (factors, eigendecompositions, momentum, step count) round-trips through
-    ``state_dict``, so resuming reproduces training bitwise.
+    Parameters outside Linear/Conv2d layers get SGD steps; one warning at construction
+    lists them. The state (factors, eigendecompositions, momentum, step count) round-trips
+    through ``state_dict``, so resuming reproduces training bitwise.
+
+    References
+    ----------
+    J. Martens and R. Grosse, "Optimizing Neural Networks with Kronecker-factored
+    Approximate Curvature", ICML 2015. J. Ba, R. Grosse and J. Martens, "Distributed
+    Second-Order Optimization using Kronecker-Factored Approximations", ICLR 2017.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from curvlab.optim import KFAC
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> loss_fn = nn.CrossEntropyLoss()
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> opt = KFAC(model, loss_fn, lr=0.1, damping=1e-2)
+    >>> for _ in range(3):
+    ...     opt.zero_grad()
+    ...     loss_fn(model(x), y).backward()
+    ...     opt.step()
+    >>> opt.steps, sorted(opt.factors())
+    (3, ['0', '2'])
     """
 
     def __init__(
