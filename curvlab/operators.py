@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
 
     from curvlab._random import Seed
+    from curvlab.progress import Callback
     from curvlab.results import Eigenpairs, Estimate, SpectralDensity
 
 #: ``to_dense`` refuses operators above this size unless ``max_params`` is raised.
@@ -207,31 +208,244 @@ class Operator(abc.ABC):
         return torch.cat([cols for _, cols in column_blocks(self, chunk)], dim=1)
 
     # ------------------------------------------------------------------ spectral methods
-    def eigenpairs(self, k: int = 10, which: str = "largest", **options: Any) -> Eigenpairs:
-        """Extreme eigenpairs by thick-restart Lanczos: see :func:`curvlab.spectral.eigenpairs`."""
+    def eigenpairs(
+        self,
+        k: int = 10,
+        which: str = "largest",
+        *,
+        tol: float = 1e-6,
+        max_iter: int | None = None,
+        ncv: int | None = None,
+        seed: Seed = 0,
+        verify: bool | int = True,
+        basis_dtype: torch.dtype | None = None,
+        progress: bool | None = None,
+        callback: Callback | None = None,
+    ) -> Eigenpairs:
+        """The k extreme eigenpairs by thick-restart Lanczos (:func:`curvlab.spectral.eigenpairs`).
+
+        Parameters
+        ----------
+        k : int, default 10
+            Number of eigenpairs.
+        which : {"largest", "smallest", "both"}, default "largest"
+            Algebraically largest, smallest (most negative first), or ceil(k/2) largest and
+            floor(k/2) smallest.
+        tol : float, default 1e-6
+            Residual tolerance relative to ||A||_2: each pair has ||A x - lambda x|| <=
+            tol ||A||_2, so each eigenvalue is within tol ||A||_2 of one of A's (about
+            (tol ||A||_2)^2 / gap for a separated one).
+        max_iter : int, optional
+            Matvec budget (default 50 * ncv).
+        ncv : int, optional
+            Basis size (default max(2k + 1, 20), capped at P; at least k + 2).
+        seed : int or torch.Generator, default 0
+            Start and restart vectors.
+        verify : bool or int, default True
+            Check for missed copies of repeated eigenvalues with 5 products (an int: that
+            many; False: none).
+        basis_dtype : torch.dtype, optional
+            dtype of the Lanczos basis (default: float64 for lower-precision operators when
+            the float64 basis fits in a quarter of the device's total memory).
+        progress : bool, optional
+            Show a progress bar on stderr (default: only when stderr is a terminal).
+        callback : callable, optional
+            Called with a :class:`~curvlab.progress.ProgressEvent` after every product
+            (``info``: ``n_matvecs``, ``n_converged``).
+
+        Returns
+        -------
+        Eigenpairs
+            Values in descending order, vectors [P, k] as columns, residual norms, the
+            matvec count and ``converged``.
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> A = curvlab.DenseOperator(torch.diag(torch.arange(100.0, dtype=torch.float64)))
+        >>> [round(v, 6) for v in A.eigenpairs(k=2, progress=False).values.tolist()]
+        [99.0, 98.0]
+        """
         from curvlab.spectral.lanczos import eigenpairs
 
-        return eigenpairs(self, k=k, which=which, **options)
+        return eigenpairs(
+            self,
+            k=k,
+            which=which,
+            tol=tol,
+            max_iter=max_iter,
+            ncv=ncv,
+            seed=seed,
+            verify=verify,
+            basis_dtype=basis_dtype,
+            progress=progress,
+            callback=callback,
+        )
 
-    def spectral_density(self, **options: Any) -> SpectralDensity:
-        """Stochastic Lanczos quadrature: see :func:`curvlab.spectral.spectral_density`."""
+    def spectral_density(
+        self,
+        *,
+        n_probes: int = 4,
+        n_steps: int = 40,
+        seed: Seed = 0,
+        grid_size: int = 1000,
+        sigma: float | None = None,
+        log_grid: bool = True,
+        probe_batch: int | None = None,
+        progress: bool | None = None,
+        callback: Callback | None = None,
+    ) -> SpectralDensity:
+        """Stochastic Lanczos quadrature (:func:`curvlab.spectral.spectral_density`).
+
+        Parameters
+        ----------
+        n_probes : int, default 4
+            Rademacher probes; the mass on a part of the spectrum holding a fraction p of
+            the eigenvalues has standard error about sqrt(2 p / (P n_probes)).
+        n_steps : int, default 40
+            Lanczos steps per probe (n_matvecs = n_probes * n_steps); exact quadrature for
+            polynomials of degree < 2 n_steps, broadening about 4% of the spectral range.
+        seed : int or torch.Generator, default 0
+            Probes and breakdown restarts.
+        grid_size : int, default 1000
+            Points of the linear (and log) grid.
+        sigma : float, optional
+            Gaussian broadening (default pi / (2 n_steps) x the node range).
+        log_grid : bool, default True
+            Also return the density of log10(lambda) over the positive spectrum.
+        probe_batch : int, optional
+            Probes run together; their bases take P x n_steps x batch numbers (default:
+            all that fit in a quarter of the device's total memory, at least one).
+        progress : bool, optional
+            Show a progress bar on stderr (default: only when stderr is a terminal).
+        callback : callable, optional
+            Called with a :class:`~curvlab.progress.ProgressEvent` after every Lanczos step
+            (``info["n_matvecs"]``).
+
+        Returns
+        -------
+        SpectralDensity
+            Per-probe nodes and weights, grids and densities (float64, CPU).
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> A = curvlab.DenseOperator(torch.diag(torch.linspace(0, 1, 500, dtype=torch.float64)))
+        >>> A.spectral_density(progress=False).n_matvecs
+        160
+        """
         from curvlab.spectral.slq import spectral_density
 
-        return spectral_density(self, **options)
+        return spectral_density(
+            self,
+            n_probes=n_probes,
+            n_steps=n_steps,
+            seed=seed,
+            grid_size=grid_size,
+            sigma=sigma,
+            log_grid=log_grid,
+            probe_batch=probe_batch,
+            progress=progress,
+            callback=callback,
+        )
 
-    def trace(self, n_matvecs: int = 60, method: str = "hutch++", seed: Seed = 0) -> Estimate:
-        """Stochastic trace with a standard error: see :func:`curvlab.spectral.trace`."""
+    def trace(
+        self,
+        n_matvecs: int = 60,
+        method: str = "hutch++",
+        seed: Seed = 0,
+        *,
+        progress: bool | None = None,
+        callback: Callback | None = None,
+    ) -> Estimate:
+        """Stochastic Tr A with a standard error (:func:`curvlab.spectral.trace`).
+
+        Parameters
+        ----------
+        n_matvecs : int, default 60
+            Products to spend (exact when >= P). Hutch++'s standard error at the default is
+            at most about 0.32 ||A - A_20||_F (A_20: the top 20 directions); Hutchinson's
+            at most 0.18 ||A||_F.
+        method : {"hutch++", "hutchinson"}, default "hutch++"
+        seed : int or torch.Generator, default 0
+            The sketch and probes.
+        progress : bool, optional
+            Show a progress bar on stderr (default: only when stderr is a terminal).
+        callback : callable, optional
+            Called with a :class:`~curvlab.progress.ProgressEvent` after every block of
+            products (``info["n_matvecs"]``).
+
+        Returns
+        -------
+        Estimate
+            ``value``, ``stderr``, ``n_matvecs`` and the Hutchinson ``samples``.
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> A = curvlab.DenseOperator(torch.eye(3, dtype=torch.float64))
+        >>> A.trace(n_matvecs=6, progress=False).value
+        3.0
+        """
         from curvlab.spectral.trace import trace
 
-        return trace(self, n_matvecs=n_matvecs, method=method, seed=seed)
+        return trace(
+            self,
+            n_matvecs=n_matvecs,
+            method=method,
+            seed=seed,
+            progress=progress,
+            callback=callback,
+        )
 
     def trace_of_square(
-        self, n_matvecs: int = 60, method: str = "hutchinson", seed: Seed = 0
+        self,
+        n_matvecs: int = 60,
+        method: str = "hutchinson",
+        seed: Seed = 0,
+        *,
+        progress: bool | None = None,
+        callback: Callback | None = None,
     ) -> Estimate:
-        """Stochastic Tr A^2 with a standard error: see :func:`curvlab.spectral.trace_of_square`."""
+        """Stochastic Tr A^2 = ||A||_F^2 with a standard error
+        (:func:`curvlab.spectral.trace_of_square`).
+
+        Parameters
+        ----------
+        n_matvecs : int, default 60
+            Products to spend (exact when >= P); relative standard error at most
+            sqrt(2 / 60) = 0.18 at the default.
+        method : {"hutchinson", "hutch++"}, default "hutchinson"
+        seed : int or torch.Generator, default 0
+            The probes.
+        progress : bool, optional
+            Show a progress bar on stderr (default: only when stderr is a terminal).
+        callback : callable, optional
+            Called with a :class:`~curvlab.progress.ProgressEvent` after every block of
+            products (``info["n_matvecs"]``).
+
+        Returns
+        -------
+        Estimate
+            ``value``, ``stderr``, ``n_matvecs`` and the Hutchinson ``samples``.
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> A = curvlab.DenseOperator(torch.diag(torch.tensor([3.0, 4.0], dtype=torch.float64)))
+        >>> A.trace_of_square(progress=False).value
+        25.0
+        """
         from curvlab.spectral.trace import trace_of_square
 
-        return trace_of_square(self, n_matvecs=n_matvecs, method=method, seed=seed)
+        return trace_of_square(
+            self,
+            n_matvecs=n_matvecs,
+            method=method,
+            seed=seed,
+            progress=progress,
+            callback=callback,
+        )
 
 
 def is_operator(obj: Any) -> bool:

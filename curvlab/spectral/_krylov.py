@@ -1,4 +1,5 @@
-"""Small shared pieces of the Krylov methods: operator checks and reorthogonalization."""
+"""Small shared pieces of the spectral methods: operator checks, blocked products with
+progress, reorthogonalization."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import torch
 
 from curvlab.errors import InvalidInputError
 from curvlab.operators import is_operator
+from curvlab.progress import Progress
+from curvlab.spectral._budget import TimedProducts
 
+#: Most columns per operator call in the probe-based estimators (traces, diagonals): bounds
+#: the [P, b] blocks an operator holds at once and paces the progress reports.
+PRODUCT_BLOCK = 16
 #: A Lanczos step breaks down (the Krylov space is invariant) when the new residual is
 #: below this many units of roundoff times the operator-norm estimate.
 BREAKDOWN_ULPS = 10.0
@@ -38,13 +44,59 @@ def apply(op, v: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def column_blocks(op, chunk: int = 256):
+def column_blocks(op, chunk: int = 256, product=None):
     """Yield (i, A[:, i:i+chunk]) for the P identity columns: the exact route of the
-    estimators when the budget reaches P, and dense assembly for small operators."""
+    estimators when the budget reaches P, and dense assembly for small operators.
+    ``product`` (default :func:`apply`) computes each block's products."""
     P = op.num_params
+    product = product or (lambda block: apply(op, block))
     eye = torch.eye(P, dtype=op.dtype, device=op.device)
     for i in range(0, P, chunk):
-        yield i, apply(op, eye[:, i : i + chunk])
+        yield i, product(eye[:, i : i + chunk])
+
+
+class Products:
+    """``op @ V`` for [P, b] blocks, in operator calls of at most :data:`PRODUCT_BLOCK`
+    columns, with a progress bar / callback (``info["n_matvecs"]``) and the run-time
+    prediction of :class:`~curvlab.spectral._budget.TimedProducts`. A context manager.
+
+    Parameters
+    ----------
+    op : Operator
+    what : str
+        The operation (progress description and warnings).
+    planned : int
+        Products the operation will compute in all (the progress total).
+    fix : str
+        How to make the call cheaper, for the time warning.
+    progress : bool or None
+    callback : callable or None
+    """
+
+    def __init__(self, op, what: str, planned: int, fix: str, progress, callback):
+        self.op, self.n_matvecs = op, 0
+        self.bar = Progress(what, planned, progress=progress, callback=callback)
+        self.timed = TimedProducts(lambda block: apply(op, block), what, planned, fix)
+
+    def __call__(self, V: torch.Tensor) -> torch.Tensor:
+        if V.shape[1] <= PRODUCT_BLOCK:
+            return self._block(V)
+        out = torch.empty_like(V)
+        for start in range(0, V.shape[1], PRODUCT_BLOCK):
+            out[:, start : start + PRODUCT_BLOCK] = self._block(V[:, start : start + PRODUCT_BLOCK])
+        return out
+
+    def _block(self, V: torch.Tensor) -> torch.Tensor:
+        out = self.timed(V)
+        self.n_matvecs += V.shape[1]
+        self.bar.update(V.shape[1], n_matvecs=self.n_matvecs)
+        return out
+
+    def __enter__(self) -> Products:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def check_positive_int(name: str, value, minimum: int = 1) -> int:

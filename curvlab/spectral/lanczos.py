@@ -260,10 +260,13 @@ class _ThickRestartLanczos:
         self.dtype, self.bar = dtype, bar
         P, dev = op.num_params, op.device
         self.V = _new_basis(ncv + 1, P, dtype, dev)
+        # Locked rows live in their own [k, P] allocation (grown only after a missed
+        # eigenvalue), so the result can hand them out without a copy.
+        self.X_buf = torch.empty(n_top + n_bot if verify_steps else 0, P, dtype=dtype, device=dev)
         self.T = torch.zeros(ncv, ncv, dtype=_F64)
         # Locked pairs (rows X, theta_lock) and, per locking event e, the dropped residual
         # direction r_e (rows of R), ||b_e||^2, and G[e, i] = r_e . V[i] for the active basis.
-        self.X = torch.zeros(0, P, dtype=dtype, device=dev)
+        self.X = self.X_buf[:0]
         self.theta_lock = torch.zeros(0, dtype=_F64)
         self.res_lock = torch.zeros(0, dtype=_F64)
         self.R = torch.zeros(0, P, dtype=dtype, device=dev)
@@ -291,7 +294,8 @@ class _ThickRestartLanczos:
     def _random_orthogonal(self, row: int) -> None:
         """V[row] = a random unit vector orthogonal to the locked X and to V[:row]."""
         g = self.V[row]
-        g.copy_(gaussian(g.shape, generator=self.gen, dtype=self.dtype, device=g.device))
+        # float32 normals: several times faster to draw than float64 ones, equally random
+        g.copy_(gaussian(g.shape, generator=self.gen, dtype=torch.float32, device=g.device))
         cgs2_(g, self.X, self.V[:row])
         g /= g.norm()
 
@@ -310,12 +314,14 @@ class _ThickRestartLanczos:
         j = self.j
         w = self.V[j + 1]
         w.copy_(self.product(self.V[j]))
-        self.scale = max(self.scale, float(w.norm()))
-        _, h = cgs2_(w, self.X, self.V[: j + 1])
+        hx, h = cgs2_(w, self.X, self.V[: j + 1])
         h = h.to(device="cpu", dtype=_F64)
         self.T[: j + 1, j] = h
         self.T[j, : j + 1] = h
         beta = float(w.norm())
+        # ||A v_j||^2 = ||X^T A v_j||^2 + ||h||^2 + beta^2 (orthonormal rows): no extra pass
+        norm2 = float(hx.double().square().sum()) + float(h.square().sum()) + beta**2
+        self.scale = max(self.scale, norm2**0.5)
         if beta <= breakdown_threshold(self.op.dtype, self.scale):
             # Invariant subspace: continue from a random vector orthogonal to everything.
             self._random_orthogonal(j + 1)
@@ -380,9 +386,13 @@ class _ThickRestartLanczos:
 
     def _lock(self, idx, theta, S, res) -> None:
         """Move active Ritz pairs idx to the locked set; remember their dropped coupling."""
-        j = self.j
-        Y = _combine(S[:, idx], self.V[:j])
-        self.X = torch.cat([self.X, Y])
+        j, nl, n = self.j, self.X.shape[0], len(idx)
+        if nl + n > self.X_buf.shape[0]:  # a missed eigenvalue: grow the locked rows
+            grown = torch.empty(nl + n, self.op.num_params, dtype=self.dtype, device=self.V.device)
+            grown[:nl] = self.X
+            self.X_buf = grown
+        _combine(S[:, idx], self.V[:j], out=self.X_buf[nl : nl + n])
+        self.X = self.X_buf[: nl + n]
         self.theta_lock = torch.cat([self.theta_lock, theta[idx]])
         self.res_lock = torch.cat([self.res_lock, res[idx]])
         self.n_converged = self.X.shape[0]
@@ -399,10 +409,14 @@ class _ThickRestartLanczos:
         dt, dev = self.op.dtype, self.op.device
         values = torch.cat([self.theta_lock[locked], theta[active]])
         residuals = torch.cat([self.res_lock[locked], res[active]])
-        order = torch.argsort(values, descending=True)
-        rows = torch.empty(len(values), self.op.num_params, dtype=dt, device=dev)
-        rows[: len(locked)] = self.X[locked.to(dev)]
-        _combine(S[:, active], self.V[: self.j], out=rows[len(locked) :])
+        order = torch.argsort(values, descending=True, stable=True)
+        if not len(active) and torch.equal(locked[order], torch.arange(nl)):
+            rows = self.X.to(dt)  # every locked row, in order: no copy when dtypes agree
+        elif not len(locked):
+            rows = _combine(S[:, active[order]], self.V[: self.j], dtype=dt)
+        else:
+            rows = torch.cat([self.X[locked.to(dev)], _combine(S[:, active], self.V[: self.j])])
+            rows = rows[order.to(dev)].to(dt)
         if not converged:
             worst = float(residuals.max() / max(self.scale, torch.finfo(dt).tiny))
             warnings.warn(
@@ -415,7 +429,7 @@ class _ThickRestartLanczos:
             )
         return Eigenpairs(
             values=values[order].to(dtype=dt, device=dev),
-            vectors=rows[order.to(dev)].T,
+            vectors=rows.T,
             residuals=residuals[order].to(dtype=dt, device=dev),
             n_matvecs=self.n_matvecs,
             converged=converged,
@@ -461,12 +475,15 @@ class _ThickRestartLanczos:
                 self._restart(theta, S, int((top >= nl).sum()), int((bot >= nl).sum()))
 
 
-def _combine(S: torch.Tensor, V: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _combine(
+    S: torch.Tensor, V: torch.Tensor, out: torch.Tensor | None = None, dtype=None
+) -> torch.Tensor:
     """S^T V for small float64 S [j, l] on the CPU and basis rows V [j, P], computed in column
-    blocks (bounded temporary; ``out`` may overlap V: each block is read before written)."""
+    blocks (bounded temporary; ``out`` may overlap V: each block is read before written).
+    A new result is in ``dtype`` (default V's)."""
     S = S.T.contiguous().to(dtype=V.dtype, device=V.device)
     if out is None:
-        out = torch.empty(S.shape[0], V.shape[1], dtype=V.dtype, device=V.device)
+        out = torch.empty(S.shape[0], V.shape[1], dtype=dtype or V.dtype, device=V.device)
     for start in range(0, V.shape[1], _COMBINE_CHUNK):
         block = slice(start, start + _COMBINE_CHUNK)
         out[:, block] = S @ V[:, block]
@@ -474,5 +491,6 @@ def _combine(S: torch.Tensor, V: torch.Tensor, out: torch.Tensor | None = None) 
 
 
 def _new_basis(nrows: int, P: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """The Lanczos basis storage, [ncv + 1, P] rows (one allocation per run)."""
-    return torch.zeros(nrows, P, dtype=dtype, device=device)
+    """The Lanczos basis storage, [ncv + 1, P] rows (one allocation per run; every row is
+    written before it is read)."""
+    return torch.empty(nrows, P, dtype=dtype, device=device)

@@ -10,7 +10,8 @@ sum tau^2 theta^2 = ||A u||^2 (the Hutchinson estimates of Tr A / P and Tr A^2 /
 The Lanczos runs use full reorthogonalization (classical Gram–Schmidt twice); on breakdown
 (an invariant Krylov space, e.g. a low-rank A) the run continues from a random vector
 orthogonal to the basis with a zero coupling, whose nodes then get zero weight, so every
-probe has exactly ``n_steps`` nodes.
+probe has exactly ``n_steps`` nodes. Each run's basis is kept as n_steps contiguous rows of
+size P; probes run together share one [P, batch] product per step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ import torch
 
 from curvlab._random import Seed, gaussian, make_generator, rademacher
 from curvlab.errors import InvalidInputError
+from curvlab.progress import Callback, Progress
 from curvlab.results import SpectralDensity
+from curvlab.spectral._budget import (
+    TimedProducts,
+    element_size,
+    fits_budget,
+    warn_if_over_memory,
+)
 from curvlab.spectral._krylov import apply, breakdown_threshold, check_operator, check_positive_int
 
 #: The log-scale density covers eigenvalues within this many decades below the largest node.
@@ -35,12 +43,36 @@ def lanczos_tridiagonal(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Lanczos tridiagonalization from ``v0`` ([P], or [P, b] for b independent runs).
 
-    Returns ``(alpha, beta, Q)``: the diagonal [n] and off-diagonal [n - 1] of T (float64 on
-    the CPU; [b, n] and [b, n - 1] for a block of starts), and the orthonormal basis
-    [P, n] (or [P, n, b]) in ``op.dtype`` on ``op.device`` when ``return_basis`` else None.
-    ``n = min(n_steps, P)``. Each run is normalized first; products of a block go to the
-    operator together. Full reorthogonalization; breakdowns continue from a random vector
-    (seeded by ``seed``) with beta = 0.
+    Parameters
+    ----------
+    op : Operator
+        Any :class:`~curvlab.Operator` (symmetric).
+    v0 : torch.Tensor
+        Start vector [P] or b start vectors [P, b] (each normalized first; nonzero).
+    n_steps : int
+        Lanczos steps (capped at P).
+    return_basis : bool, default False
+        Also return the orthonormal basis.
+    seed : int or torch.Generator, default 0
+        Random restarts after a breakdown.
+
+    Returns
+    -------
+    alpha, beta, Q
+        The diagonal [n] and off-diagonal [n - 1] of T (float64 on the CPU; [b, n] and
+        [b, n - 1] for a block of starts), and the orthonormal basis [P, n] (or [P, n, b])
+        in ``op.dtype`` on ``op.device`` when ``return_basis`` else None. ``n = min(n_steps,
+        P)``. Products of a block go to the operator together. Full reorthogonalization;
+        breakdowns continue from a random vector (seeded by ``seed``) with beta = 0.
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> from curvlab.spectral import lanczos_tridiagonal
+    >>> A = curvlab.DenseOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
+    >>> alpha, beta, _ = lanczos_tridiagonal(A, torch.ones(3, dtype=torch.float64), 3)
+    >>> round(float(alpha.sum()), 12)  # Tr T = Tr A when the Krylov space is everything
+    6.0
     """
     P = check_operator(op)
     check_positive_int("n_steps", n_steps)
@@ -50,19 +82,28 @@ def lanczos_tridiagonal(
         )
     single = v0.ndim == 1
     q = (v0[:, None] if single else v0).to(dtype=op.dtype, device=op.device)
-    norms = q.norm(dim=0)
-    if not bool((norms > 0).all()):
+    if not bool((q.norm(dim=0) > 0).all()):
         raise InvalidInputError("every start vector must be nonzero")
-    q = q / norms
-    n, b = min(n_steps, P), q.shape[1]
     gen = make_generator(seed, op.device)
-    Q = torch.zeros(b, n, P, dtype=op.dtype, device=op.device)  # per run, rows = basis
+    alpha, beta, Q = _tridiagonalize(op, q, min(n_steps, P), gen, lambda v: apply(op, v))
+    basis = Q.permute(2, 1, 0) if return_basis else None  # [P, n, b]
+    if single:
+        return alpha[0], beta[0], None if basis is None else basis[:, :, 0]
+    return alpha, beta, basis
+
+
+def _tridiagonalize(op, q: torch.Tensor, n: int, gen: torch.Generator, product):
+    """Lanczos on the b columns of ``q`` ([P, b], nonzero) for n steps, ``product`` for
+    the products; returns alpha [b, n], beta [b, n - 1] and the bases [b, n, P]."""
+    P, b = q.shape
+    q = q / q.norm(dim=0)
+    Q = torch.empty(b, n, P, dtype=op.dtype, device=op.device)  # per run, rows = basis
     alpha = torch.zeros(b, n, dtype=_F64)
     beta = torch.zeros(b, max(n - 1, 0), dtype=_F64)
     scale = torch.zeros(b, dtype=op.dtype, device=op.device)
     for j in range(n):
         Q[:, j] = q.T
-        w = apply(op, q).T.contiguous()  # [b, P]
+        w = product(q).T.contiguous()  # [b, P]
         scale = torch.maximum(scale, w.norm(dim=1))
         w, coeff = _cgs2_block(w, Q[:, : j + 1])
         alpha[:, j] = coeff[:, j].to(device="cpu", dtype=_F64)
@@ -77,10 +118,7 @@ def lanczos_tridiagonal(
             bnorm = torch.where(broken, torch.zeros_like(bnorm), bnorm)
         beta[:, j] = bnorm.to(device="cpu", dtype=_F64)
         q = (w / w.norm(dim=1, keepdim=True)).T.contiguous()
-    basis = Q.permute(2, 1, 0) if return_basis else None  # [P, n, b]
-    if single:
-        return alpha[0], beta[0], None if basis is None else basis[:, :, 0]
-    return alpha, beta, basis
+    return alpha, beta, Q
 
 
 def _cgs2_block(w: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,36 +153,81 @@ def gaussian_density(
 def spectral_density(
     op,
     *,
-    n_probes: int = 10,
-    n_steps: int = 80,
+    n_probes: int = 4,
+    n_steps: int = 40,
     seed: Seed = 0,
     grid_size: int = 1000,
     sigma: float | None = None,
     log_grid: bool = True,
     probe_batch: int | None = None,
+    progress: bool | None = None,
+    callback: Callback | None = None,
 ) -> SpectralDensity:
     """Stochastic Lanczos quadrature of the spectral density of ``op`` (module docstring).
 
     Parameters
     ----------
-    n_probes : Rademacher probes (normalized to unit length).
-    n_steps : Lanczos steps per probe (capped at P); ``n_matvecs = n_probes * n_steps``.
-    seed : probes and breakdown restarts.
-    grid_size : points of the linear grid, spanning [min node - 3 sigma, max node + 3 sigma].
-    sigma : Gaussian broadening of each node; default pi / (2 n_steps) x (max - min node),
+    op : Operator
+        Any :class:`~curvlab.Operator` (symmetric).
+    n_probes : int, default 4
+        Rademacher probes (normalized to unit length). Each probe's quadrature estimates
+        P^-1 Tr f(A) with variance at most 2 ||f(A)||_F^2 / P^2, so the mass the density
+        puts on a part of the spectrum holding a fraction p of the eigenvalues has standard
+        error about sqrt(2 p / (P n_probes)): 0.002 for p = 0.1 at P = 10^4 and the default.
+    n_steps : int, default 40
+        Lanczos steps per probe (capped at P); ``n_matvecs = n_probes * n_steps``. The
+        quadrature is exact for polynomials of degree < 2 n_steps, and outliers separated
+        from the bulk appear as single nodes; the default resolves features down to the
+        broadening sigma = pi / 80, about 4% of the spectral range.
+    seed : int or torch.Generator, default 0
+        Probes and breakdown restarts.
+    grid_size : int, default 1000
+        Points of the linear grid, spanning [min node - 3 sigma, max node + 3 sigma].
+    sigma : float, optional
+        Gaussian broadening of each node; default pi / (2 n_steps) x (max - min node),
         the centre node spacing of an n_steps-point Gauss–Chebyshev rule on that range, so
         the density does not ripple between nodes (max |node|, or 1, replaces the range when
         all nodes coincide).
-    log_grid : also return the density of t = log10(lambda) over the positive part of the
+    log_grid : bool, default True
+        Also return the density of t = log10(lambda) over the positive part of the
         spectrum: nodes theta > max node x 10^-LOG_DECADES, each broadened in t by
         pi / (2 n_steps) x (their t-range) (0.01 decade if that range is 0), keeping the
         quadrature weights, so it integrates (over t) to the fraction of the spectrum above
         that floor. ``log_grid``/``log_density`` are None when no node is positive.
-    probe_batch : probes run together (one [P, batch] matvec per step); default all.
-        Memory is P x n_steps x probe_batch.
+    probe_batch : int, optional
+        Probes run together (one [P, batch] product per step); their bases take
+        P x n_steps x batch numbers. Default: all probes when that fits in a quarter of
+        the device's total memory, else as many as fit (at least one).
+    progress : bool, optional
+        Show a progress bar on stderr (default: only when stderr is a terminal).
+    callback : callable, optional
+        Called with a :class:`~curvlab.progress.ProgressEvent` after every Lanczos step;
+        ``info["n_matvecs"]`` counts the products.
 
-    Returns :class:`~curvlab.SpectralDensity`; nodes/weights [n_probes, n_steps] and the grids
-    and densities are float64 on the CPU.
+    Returns
+    -------
+    SpectralDensity
+        nodes/weights [n_probes, n_steps], the grids and densities, float64 on the CPU.
+
+    Warns
+    -----
+    CurvlabWarning
+        When the bases exceed the available memory, or the first product predicts a run
+        above a minute.
+
+    References
+    ----------
+    S. Ubaru, J. Chen and Y. Saad, "Fast estimation of tr(f(A)) via stochastic Lanczos
+    quadrature", SIAM J. Matrix Anal. Appl. 38 (2017).
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> from curvlab.spectral import spectral_density
+    >>> A = curvlab.DenseOperator(torch.diag(torch.linspace(0, 1, 500, dtype=torch.float64)))
+    >>> sd = spectral_density(A, progress=False)
+    >>> sd.nodes.shape, sd.n_matvecs, round(sd.integrate(lambda x: x), 2)  # mean eigenvalue
+    (torch.Size([4, 40]), 160, 0.5)
     """
     P = check_operator(op)
     check_positive_int("n_probes", n_probes)
@@ -154,17 +237,41 @@ def spectral_density(
         isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0
     ):
         raise InvalidInputError(f"sigma must be a positive number or None, got {sigma!r}")
-    batch = n_probes if probe_batch is None else check_positive_int("probe_batch", probe_batch)
+    n = min(n_steps, P)
+    per_probe = n * P * element_size(op.dtype)
+    if probe_batch is None:
+        batch = n_probes
+        while batch > 1 and not fits_budget(batch * per_probe, op.device):
+            batch -= 1
+    else:
+        batch = check_positive_int("probe_batch", probe_batch)
+    batch = min(batch, n_probes)
+    warn_if_over_memory(
+        f"spectral_density(n_steps={n_steps}, probe_batch={batch}): Lanczos bases of "
+        f"{batch} x {n} x {P}",
+        batch * per_probe,
+        op.device,
+        "lower n_steps or probe_batch",
+    )
     gen = make_generator(seed, op.device)
     probes = rademacher((P, n_probes), generator=gen, dtype=op.dtype, device=op.device)
     nodes, weights = [], []
-    for start in range(0, n_probes, batch):
-        alpha, beta, _ = lanczos_tridiagonal(
-            op, probes[:, start : start + batch], n_steps, seed=gen
-        )
-        th, w = quadrature(alpha, beta)
-        nodes.append(th)
-        weights.append(w)
+    total = n_probes * n
+    with Progress("spectral_density", total, progress=progress, callback=callback) as bar:
+        done = [0]
+
+        def step(v: torch.Tensor) -> torch.Tensor:
+            out = apply(op, v)
+            done[0] += v.shape[1]
+            bar.update(v.shape[1], n_matvecs=done[0])
+            return out
+
+        product = TimedProducts(step, "spectral_density", total, "lower n_probes or n_steps")
+        for start in range(0, n_probes, batch):
+            alpha, beta, _ = _tridiagonalize(op, probes[:, start : start + batch], n, gen, product)
+            th, w = quadrature(alpha, beta)
+            nodes.append(th)
+            weights.append(w)
     nodes, weights = torch.cat(nodes), torch.cat(weights)
     n_matvecs = n_probes * nodes.shape[1]
 
