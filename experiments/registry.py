@@ -20,6 +20,8 @@ EXPERIMENTS: tuple[str, ...] = (
     "lanczos_damping",
     "damping_sweep",
     "autodamping",
+    "warmup",
+    "adam_vs_sgd",
     "stable_lr",
 )
 

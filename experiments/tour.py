@@ -11,10 +11,13 @@
    its standard error, and the implied shrinkage and R_est-curv (paper sections 6-7).
 5. The shrinkage comparison (``curvlab.shrinkage.compare``) on the digits softmax-regression
    Hessian, where the full-data Hessian is the truth.
-6. A short training run with Adam whose eps is learned by a LinearShrinkageDamper, against
-   flat eps (paper section 7.3).
+6. A short training run with Adam whose eps is learned by a LinearShrinkageDamper from
+   Adam's default 1e-8 (below the noise), against flat eps = 1e-8 and flat eps = the
+   measured noise (paper section 7.3); the damper's trajectory is plotted with them.
 
-Writes ``report.md``, ``results.json`` (keys: :data:`FIELDS`) and PNG figures.
+This module computes; :mod:`curvlab.experiments.tour_report` draws the figures and writes
+``report.md`` from the results alone. Writes ``report.md``, ``results.json`` (keys:
+:data:`FIELDS`) and PNG figures.
 """
 
 from __future__ import annotations
@@ -33,8 +36,11 @@ import curvlab
 from curvlab import rmt
 from curvlab.errors import CurvlabError, CurvlabWarning
 from curvlab.optim import adam_with_learned_eps
+from curvlab.progress import track
 
 from . import _common as C
+from . import tour_report
+from .dampers import DAMPER_CONFIGS, damping_history, make_damper
 from .data import load_sklearn
 
 FIELDS = (
@@ -94,6 +100,7 @@ SETTINGS = {
 BATCH = 64
 HIDDEN = 32
 LR = 1e-2
+EPS_START = 1e-8  # the learned eps starts at Adam's default, below the noise
 
 
 def _mlp(seed: int, dev) -> nn.Module:
@@ -328,30 +335,33 @@ def shrinkage(data, s, seed, dev, out_dir: Path) -> dict:
     }
 
 
-def autodamping(data, s, seed, dev, progress: bool) -> dict:
+def autodamping(data, s, seed, dev, progress: bool, noise_value: float) -> dict:
+    """Adam with eps learned from Adam's default 1e-8 (below the noise) by every rule of
+    DAMPER_CONFIGS, against flat eps = 1e-8 and flat eps = the measured noise (section 3)."""
     loss_fn = nn.CrossEntropyLoss()
     train_set = data.train()
-    init = 1e-3
+    flat = [
+        ("flat eps=1e-8 (Adam default)", 1e-8),
+        (f"flat eps={noise_value:.2g} (the noise)", noise_value),
+    ]
+    jobs = [(label, eps, None) for label, eps in flat]
+    jobs += [(f"learned eps from {EPS_START:g} ({c.label})", EPS_START, c) for c in DAMPER_CONFIGS]
     runs = {}
-    for label, eps, learned in (
-        ("flat eps=1e-8 (Adam default)", 1e-8, False),
-        (f"flat eps={init:g}", init, False),
-        (f"learned eps from {init:g}", init, True),
-    ):
+    for label, eps, config in jobs:
         model = _mlp(seed, dev)
         damper = after = None
-        if not learned:
+        if config is None:
             opt = torch.optim.Adam(model.parameters(), lr=LR, eps=eps)
         else:
-            damper = curvlab.LinearShrinkageDamper(
-                rule="rmt",
-                init=init,
-                update_every=s["damp_update_every"],
+            damper = make_damper(
+                config,
+                eps,
                 batch_size=BATCH,
+                update_every=s["damp_update_every"],
+                seed=seed,
                 n_probes=4,
                 subsample=s["damp_subsample"],
                 population=data.n_train,
-                seed=seed,
             )
             opt = adam_with_learned_eps(model.parameters(), damper, lr=LR)
             damper.step(model, loss_fn, train_set)
@@ -373,7 +383,8 @@ def autodamping(data, s, seed, dev, progress: bool) -> dict:
             desc=f"tour: Adam {label}",
         )
         runs[label] = {
-            "learned": learned,
+            "learned": config is not None,
+            "eps_start": eps,
             "train_loss": C.final(hist, "train_loss"),
             "train_acc": C.final(hist, "train_acc"),
             "val_acc": C.final(hist, "val_acc"),
@@ -381,232 +392,17 @@ def autodamping(data, s, seed, dev, progress: bool) -> dict:
             "diverged": hist["diverged"],
             "final_eps": opt.param_groups[0]["eps"],
             "history": hist,
-            "damping_history": []
-            if damper is None
-            else [
-                {"step": h.step, "estimate": h.estimate, "stderr": h.stderr, "damping": h.damping}
-                for h in damper.history
-            ],
+            "damping_history": [] if damper is None else damping_history(damper),
         }
     return {
         "optimizer": f"Adam lr={LR}, batch {BATCH}",
         "steps": s["damp_steps"],
         "update_every": s["damp_update_every"],
         "subsample": s["damp_subsample"],
+        "eps_start": EPS_START,
+        "noise_eps": noise_value,
         "runs": runs,
     }
-
-
-# --------------------------------------------------------------------------- output
-
-
-def _figures(out_dir: Path, results: dict) -> list[str]:
-    files = []
-    fig, axes = C.new_figure(3, width=4.3)
-    for i, (label, r) in enumerate(results["autodamping"]["runs"].items()):
-        h, color = r["history"], f"C{i}"
-        axes[0, 0].plot(h["step"], h["train_loss"], color=color, label=label)
-        axes[0, 1].plot(h["step"], h["val_acc"], color=color, label=label)
-        if r["damping_history"]:
-            d = r["damping_history"]
-            steps = [p["step"] for p in d]
-            axes[0, 2].plot(
-                steps, [p["damping"] for p in d], "-o", ms=3, color=color, label="smoothed eps"
-            )
-            axes[0, 2].errorbar(
-                steps,
-                [p["estimate"] for p in d],
-                yerr=[p["stderr"] for p in d],
-                fmt="x",
-                color="k",
-                alpha=0.6,
-                label="raw estimate (± stderr)",
-            )
-    axes[0, 0].set_yscale("log")
-    axes[0, 0].set_title("train loss")
-    axes[0, 1].set_title("validation accuracy")
-    axes[0, 2].set_title("learned eps (noise variance)")
-    axes[0, 2].set_yscale("log")
-    for ax in axes[0]:
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.savefig(out_dir / "autodamping.png", dpi=110)
-    files.append("autodamping.png")
-    ok = [r for r in results["backends"] if "values" in r]
-    if ok:
-        fig, axes = C.new_figure(width=7)
-        ax = axes[0, 0]
-        for i, r in enumerate(ok):
-            ax.plot(
-                range(1, len(r["values"]) + 1),
-                r["values"],
-                "o-" if i < 4 else "s--",
-                label=f"{r['label']} ({r['n_matvecs']} matvecs)",
-            )
-        ax.set_xlabel("eigenvalue index")
-        ax.set_ylabel("eigenvalue")
-        ax.set_yscale("log")
-        ax.set_title("top eigenvalues by backend and method")
-        ax.legend(fontsize=7)
-        fig.savefig(out_dir / "backends.png", dpi=110)
-        files.append("backends.png")
-    return files
-
-
-def _fmt(v, spec=".4g") -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "—"
-    return format(v, spec)
-
-
-def report(results: dict) -> str:
-    sp, nz, sh, ad = (results[k] for k in ("spectrum", "noise", "shrinkage", "autodamping"))
-    tr = results["training"]
-    lines = [
-        "# curvlab tour: curvature of a digits classifier",
-        "",
-        f"`{results['command']}` — {results['wall_time_s']:.0f} s on "
-        f"{results['environment']['platform']} ({results['environment']['threads']} torch "
-        f"threads, device `{results['device']}`), curvlab {results['environment']['curvlab']}, "
-        f"torch {results['environment']['torch']}.",
-        "",
-        f"Model: MLP 64-{HIDDEN}-10 (tanh, float64, P={sp['num_params']}) trained with Adam "
-        f"(lr {LR}, batch {BATCH}) for {tr['steps']} steps on {tr['n_train']} digits: train "
-        f"accuracy {tr['train_acc']:.3f}, validation accuracy {tr['val_acc']:.3f} "
-        f"({tr['n_val']} held out).",
-        "",
-        "## 1. Hessian spectrum (paper section 4)",
-        "",
-        f"Stochastic Lanczos quadrature ({sp['slq_matvecs']} matvecs) and the top "
-        f"{len(sp['top_eigenvalues'])} eigenvalues by restarted Lanczos "
-        f"({sp['lanczos_matvecs']} matvecs, converged: "
-        f"{sp['lanczos_converged']}) of the Hessian over {sp['samples']} training samples. "
-        f"P^-1 Tr H = {sp['trace_per_param']:.3g}.",
-        "",
-    ]
-    if sp.get("n_outliers") is None:
-        lines.append(f"Bulk fit failed: {sp.get('bulk_fit_error')}")
-    else:
-        n_out, n_cls = sp["n_outliers"], sp["n_classes"]
-        lower_bound = n_out == len(sp["top_eigenvalues"])  # every computed one is beyond
-        count = f"at least {n_out}" if lower_bound else str(n_out)
-        verdict = (
-            "more than"
-            if n_out > n_cls
-            else ("not yet conclusive about" if lower_bound else "consistent with")
-        )
-        lines.append(
-            f"Fitted semicircle bulk [{sp['edge_left']:.3g}, {sp['edge_right']:.3g}] "
-            f"(+ Tracy-Widom margin {sp['tracy_widom_margin']:.2g}); **{count} outliers** "
-            f"beyond it: {', '.join(f'{v:.3g}' for v in sp['outliers'])}"
-            + (" (every computed eigenvalue lies beyond the edge)" if lower_bound else "")
-            + f". That is {verdict} the paper's expectation of at most as many outliers as "
-            f"classes ({n_cls}); a trained network's bulk is not a semicircle, so the fitted "
-            "edge is a moment-matched approximation (curvlab.rmt.fit_bulk_edge)."
-        )
-        n_noise = sp["noise_n_outliers"]
-        noise_bound = n_noise == len(sp["top_eigenvalues"])
-        lines.append(
-            f"\nCalibrated instead by the measured noise (sigma^2 = s2/N = "
-            f"{sp['noise_sigma'] ** 2:.3g} for the {sp['samples']}-sample Hessian, "
-            f"curvlab.noise), the noise edge is {sp['noise_edge_right']:.3g} and "
-            f"**{'at least ' if noise_bound else ''}{n_noise} outliers** lie beyond it "
-            f"({'more than' if n_noise > n_cls else 'at most'} the {n_cls} classes)."
-        )
-    lines += [
-        "",
-        "![spectrum](spectrum.png)",
-        "",
-        "## 2. Top eigenvalues from every installed backend",
-        "",
-        f"Top {results['setting']['backend_k']} eigenvalues on "
-        f"{results['setting']['backend_samples']} training samples. Lanczos runs to "
-        "tol 1e-8; PyHessian's power iteration runs at its defaults (maxIter 100, tol "
-        "1e-3). Agreement is the largest relative difference to the reference row "
-        "(the exact Hessian, or for KFAC the exact GGN it approximates).",
-        "",
-        "| backend / curvature / method | top eigenvalues | matvecs | seconds | "
-        "max rel. diff | reference |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results["backends"]:
-        if "values" not in r:
-            lines.append(f"| {r['label']} | {r.get('error', '')} | | | | |")
-            continue
-        vals = ", ".join(f"{v:.6g}" for v in r["values"])
-        lines.append(
-            f"| {r['label']} | {vals} | {r['n_matvecs']} | {r['seconds']:.2f} | "
-            f"{_fmt(r.get('max_rel_diff'), '.1e')} | {r['reference'] or '(reference)'} |"
-        )
-    lines += [
-        "",
-        "KFAC is an approximation of the GGN (Kronecker factors per layer), not of the "
-        "Hessian: its difference to the exact GGN measures the approximation, not an "
-        "error of curvlab.",
-        "",
-        "![backends](backends.png)",
-        "",
-        "## 3. Noise-variance damping (paper eq. 15, sections 6-7)",
-        "",
-        f"delta = P^-1 E||H_B - H||_F^2 for batches of B={nz['batch_size']} drawn from "
-        f"N={nz['population']} (unbiased estimator, {nz['n_probes']} probes over "
-        f"{nz['samples']} per-sample Hessians, {nz['n_matvecs']} per-sample products, "
-        f"{nz['seconds']:.1f} s):",
-        "",
-        f"**delta = {nz['damping']:.4g} ± {nz['stderr']:.2g}** (standard error), i.e. "
-        f"shrinkage beta = 1/(1 + delta) = {nz['shrinkage_beta']:.4f}. With lambda_1 = "
-        f"{nz['lambda_1']:.4g}, R_est-curv = 1 + (lambda_1 - lambda_P)/delta = "
-        f"{_fmt(nz['r_est_curv'])}, against {nz['r_est_curv_adam_default']:.3g} for "
-        "Adam's default eps = 1e-8.",
-        "",
-        "## 4. Shrinkage estimators against the true Hessian",
-        "",
-    ]
-    if "error" in sh:
-        lines += [f"The comparison failed: {sh['error']}", ""]
-    else:
-        lines += [
-            f"{sh['model']}; truth: the {sh['truth']}; batches of "
-            f"{', '.join(map(str, sh['batch_sizes']))} samples, {sh['repeats']} "
-            "repeat(s). Frobenius = ||H_hat - H||_F^2 / P (lower is better), overlap_1 = "
-            "|<u_1, u_hat_1>|^2.",
-            "",
-            C.markdown_table(
-                sh["table"],
-                ["estimator", "batch_size", "frobenius", "spectral", "overlap_1", "damping"],
-            ),
-            "Lowest Frobenius error: "
-            + ", ".join(f"B={b}: {n}" for b, n in sh["best_by_batch_size"].items())
-            + ".",
-            "",
-            "![shrinkage](shrinkage.png)",
-            "",
-        ]
-    lines += [
-        "## 5. Learned damping for Adam (paper section 7.3)",
-        "",
-        f"{ad['optimizer']}, {ad['steps']} steps; the learned eps is the noise variance "
-        f"re-estimated every {ad['update_every']} steps on a fixed subsample of "
-        f"{ad['subsample']} samples (EMA 0.7, floor = initial value).",
-        "",
-        "| run | final eps | train loss | val accuracy |",
-        "|---|---|---|---|",
-    ]
-    for label, r in ad["runs"].items():
-        lines.append(
-            f"| {label} | {r['final_eps']:.3g} | {_fmt(r['train_loss'])} | "
-            f"{_fmt(r['val_acc'], '.3f')} |"
-        )
-    lines += [
-        "",
-        "![autodamping](autodamping.png)",
-        "",
-        "The paper-claim experiments (`curvlab experiment NAME`, NAME in theorem1, "
-        "algorithm1, lanczos_damping, damping_sweep, autodamping, stable_lr) test each "
-        "claim with a computed verdict.",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def run(
@@ -621,7 +417,7 @@ def run(
     data = load_sklearn("digits", device=dev, seed=seed)
     loss_fn = nn.CrossEntropyLoss()
     steps = ["train", "spectrum", "backends", "noise", "shrinkage", "autodamping"]
-    bar = C.progress_bar(steps, progress, "curvlab tour")
+    bar = track(steps, "curvlab tour", progress=progress)
     results: dict = {"timings": {}}
     for step in bar:
         started = time.perf_counter()
@@ -638,6 +434,9 @@ def run(
             )
             model.eval()
             results["training"] = {
+                "model": f"MLP 64-{HIDDEN}-10 (tanh, float64)",
+                "lr": LR,
+                "batch_size": BATCH,
                 "steps": s["train_steps"],
                 "n_train": data.n_train,
                 "n_val": data.n_val,
@@ -657,9 +456,11 @@ def run(
             except CurvlabError as exc:
                 results["shrinkage"] = {"error": f"{type(exc).__name__}: {exc}", "table": []}
         else:
-            results["autodamping"] = autodamping(data, s, seed, dev, progress)
+            results["autodamping"] = autodamping(
+                data, s, seed, dev, progress, results["noise"]["damping"]
+            )
         results["timings"][step] = time.perf_counter() - started
-    files = ["spectrum.png", *_figures(out, results)]
+    files = ["spectrum.png", *tour_report.figures(out, C.jsonable(results))]
     if (out / "shrinkage.png").exists():
         files += ["shrinkage.png", "shrinkage.csv"]
     results.update(
@@ -679,7 +480,7 @@ def run(
         wall_time_s=time.perf_counter() - start,
     )
     results = C.jsonable({k: results[k] for k in FIELDS})
-    (out / "report.md").write_text(report(results))
+    (out / "report.md").write_text(tour_report.report(results))
     with open(out / "results.json", "w") as fh:
         json.dump(results, fh, indent=1, allow_nan=False)
     return results

@@ -1,5 +1,6 @@
-"""The paper-claim experiments: each runs, writes its files and documents its JSON fields;
-their exact reference values are right; verdicts are computed; the data loaders."""
+"""The paper-claim experiments: each runs over seeds, writes its files and documents its JSON
+fields; verdicts follow the one rule of experiments/stats.py; library checks stay apart from
+claims; their exact reference values are right; the data loaders and workloads."""
 
 from __future__ import annotations
 
@@ -14,12 +15,21 @@ import torch
 from conftest import dense_hessian
 from torch import nn
 
-from curvlab.cli import EXPERIMENTS
+from curvlab import cli
 from curvlab.errors import InvalidInputError
 from curvlab.experiments import _common as C
-from curvlab.experiments import algorithm1, data, lanczos_damping
+from curvlab.experiments import (
+    algorithm1,
+    dampers,
+    data,
+    lanczos_damping,
+    registry,
+    stats,
+    workloads,
+)
 
-NAMES = EXPERIMENTS
+NAMES = registry.EXPERIMENTS
+CHECK_KEYS = {"claim", "measure", "verdict", "supports", "effect", "evidence", "would_change"}
 
 
 def _check_outputs(module, results: dict, out) -> None:
@@ -31,24 +41,37 @@ def _check_outputs(module, results: dict, out) -> None:
         assert (out / name).stat().st_size > 0, name
     suffixes = {f.rsplit(".", 1)[1] for f in results["files"]}
     assert {"json", "csv", "png", "md"} <= suffixes
-    assert results["checks"], "every experiment states at least one computed check"
+    seeds = results["seeds"]
+    assert len(seeds) >= stats.MIN_SEEDS and seeds == sorted(set(seeds))
+    assert results["checks"], "every experiment tests at least one claim"
     for check in results["checks"]:
-        assert set(check) == {"claim", "supports", "evidence"}
-        assert check["supports"] in (True, False, None)
-        assert check["evidence"]
-    verdicts = [c["supports"] for c in results["checks"]]
-    if False in verdicts:  # one failed check decides the overall verdict
-        assert results["supports"] is False
+        assert set(check) == CHECK_KEYS
+        assert check["verdict"] in stats.VERDICTS
+        assert check["supports"] == C.as_supports(check["verdict"])
+        assert check["would_change"]
+        effect = check["effect"]
+        assert len(effect["values"]) == len(seeds)  # one value per seed, in seed order
+        redo = stats.effect(  # the verdict is the rule applied to the reported values
+            [math.nan if v is None else v for v in effect["values"]],
+            direction=effect["direction"],
+            threshold=effect["threshold"],
+        )
+        assert redo.verdict == check["verdict"]
+    for check in results["library_checks"]:
+        assert set(check) == {"check", "passed", "evidence"}
+    assert results["verdict"] == stats.combine(c["verdict"] for c in results["checks"])
+    assert results["supports"] == C.as_supports(results["verdict"])
     report = (out / f"{module.NAME}.md").read_text()
-    assert f"Verdict: our run {C.verdict_word(results['supports'])} the claim" in report
-    assert f"seed {results['seed']}" in report
+    assert f"**Verdict: {results['verdict'].upper()}**" in report
+    assert f"seeds {seeds}" in report
+    assert report.count("What would change it:") == len(results["checks"])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_smoke_scale_runs_and_documents_fields(name, tmp_path):
     module = importlib.import_module(f"curvlab.experiments.{name}")
     results = module.run(tmp_path, scale="smoke", seed=1)
-    assert results["scale"] == "smoke" and results["seed"] == 1
+    assert results["scale"] == "smoke" and results["seeds"] == [1, 2, 3]
     _check_outputs(module, results, tmp_path)
 
 
@@ -57,10 +80,27 @@ def test_fast_scale_runs_and_documents_fields(name, tmp_path):
     module = importlib.import_module(f"curvlab.experiments.{name}")
     results = module.run(tmp_path, scale="fast", seed=0)
     _check_outputs(module, results, tmp_path)
-    if name == "theorem1":  # the simulated spiked model follows eq. 8 at P=500
-        assert results["checks"][0]["supports"] is True, results["checks"][0]["evidence"]
+    assert results["seeds"] == [0, 1, 2]
+    if name == "theorem1":  # curvlab.rmt follows eq. 8 on the simulated spiked model
+        assert results["library_checks"][0]["passed"], results["library_checks"][0]
     if name == "algorithm1":  # the unbiased estimator agrees with the exact value
         assert abs(results["digits"]["unbiased_g1"]["z_vs_target"]) < 4
+        assert all(c["passed"] for c in results["library_checks"])
+    if name == "stable_lr":  # a collapsed run is never the largest stable rate
+        for per in results["per_seed"]:
+            for v in per.values():
+                assert not any(s and c for s, c in zip(v["stable"], v["collapsed"]))
+                if v["lr"] is not None:
+                    assert v["lr_times_sharpness"] > 0
+
+
+def test_fast_scales_use_at_least_three_seeds_and_the_registry_is_the_clis():
+    assert cli.EXPERIMENTS is registry.EXPERIMENTS and cli.SCALES is registry.SCALES
+    for name in NAMES:
+        module = importlib.import_module(f"curvlab.experiments.{name}")
+        assert set(module.SETTINGS) == set(registry.SCALES)
+        assert all(s["seeds"] >= stats.MIN_SEEDS for s in module.SETTINGS.values()), name
+        assert module.NAME == name and module.CLAIM and module.PAPER_SETTING
 
 
 def test_runs_are_reproducible(tmp_path):
@@ -143,41 +183,102 @@ def test_common_dense_hessian_matches_torch_func():
     torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-14)
 
 
+def test_logreg_hessian_is_the_dense_hessian_in_parameter_order():
+    digits = data.load_sklearn("digits", seed=0)
+    x, y = digits.x_train[:30], digits.y_train[:30]
+    model = C.seeded(0, lambda: nn.Linear(64, 10).to(torch.float64))
+    with torch.no_grad():
+        model.weight.mul_(5)
+    reference = dense_hessian(model, nn.CrossEntropyLoss(), x, y)
+    torch.testing.assert_close(algorithm1.logreg_hessian(model, x), reference, atol=1e-14, rtol=0)
+
+
 # --------------------------------------------------------------------------- verdicts
 
 
-def _lopt_runs(val_errors):
-    deltas = (1e-3, 1e-2, 1e-1)
-    runs = []
-    for d, v in zip(deltas, val_errors):
-        for eta, bump in ((1.0, 0.0), (10.0, 0.05)):
-            runs.append(
-                {
-                    "delta": d,
-                    "eta": eta,
-                    "r_est_curv": 1 + 1 / d,
-                    "diverged": False,
-                    "val_error": v + bump,
-                    "train_error": 0.01 + bump / 2,
-                }
-            )
-    return runs, {"deltas": deltas, "etas": (1.0, 10.0)}
+def test_the_verdict_rule():
+    t3 = stats.t_quantile(3)
+    # two degrees of freedom have a closed-form quantile: (2p - 1) / sqrt(2 p (1 - p))
+    assert t3 == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), rel=1e-9)
+    e = stats.effect([0.30, 0.25, 0.35], direction=+1)
+    assert (e.mean, e.n) == (pytest.approx(0.3), 3)
+    assert e.stderr == pytest.approx(0.05 / math.sqrt(3))
+    assert e.low == pytest.approx(0.3 - t3 * e.stderr) and e.verdict == "supports"
+    # the same numbers, claimed the other way, contradict; a threshold inside the interval
+    # leaves it open
+    assert stats.effect([0.30, 0.25, 0.35], direction=-1).verdict == "contradicts"
+    assert stats.effect([0.30, 0.25, 0.35], direction=+1, threshold=0.3).verdict == ("inconclusive")
+    # a margin smaller than t * SE is not enough, whatever the sign of every seed
+    assert stats.effect([0.1, 0.3, 0.05], direction=+1).verdict == "inconclusive"
+    # fewer than 3 finite seeds: never a verdict; NaN seeds are left out
+    assert stats.effect([1.0, 1.1], direction=+1).verdict == "inconclusive"
+    e = stats.effect([1.0, 1.1, math.nan, 1.05], direction=+1)
+    assert e.n == 3 and e.verdict == "supports" and math.isnan(e.values[2])
+    # zero spread: the interval is the point
+    assert stats.effect([-1.0, -1.0, -1.0], direction=-1, threshold=-0.5).verdict == "supports"
+    assert stats.effect([0.0, 0.0, 0.0], direction=+1).verdict == "inconclusive"
+    assert stats.combine(["supports", "supports"]) == "supports"
+    assert stats.combine(["supports", "contradicts", "inconclusive"]) == "contradicts"
+    assert stats.combine(["supports", "inconclusive"]) == "inconclusive"
+    assert stats.combine([]) == "inconclusive"
+
+
+def test_what_would_change_a_verdict():
+    open_ = C.claim_check("c", "m", [0.1, 0.3, 0.05], direction=+1)
+    need = open_.effect.seeds_for_verdict()
+    assert need is not None and need > 3
+    # with that many seeds at the same mean and sd the interval clears the threshold
+    sd = open_.effect.stderr * math.sqrt(3)
+    assert stats.t_quantile(need) * sd / math.sqrt(need) < open_.effect.mean
+    assert stats.t_quantile(need - 1) * sd / math.sqrt(need - 1) >= open_.effect.mean
+    assert f"about {need} seeds" in open_.would_change()
+    done = C.claim_check("c", "m", [0.3, 0.25, 0.35], direction=+1, caveat="grid is coarse")
+    assert "clears the threshold by" in done.would_change()
+    assert done.would_change().endswith("grid is coarse.")
+    assert C.Check("c", "m", None, "nothing ran").verdict == "inconclusive"
+    assert C.verdict_word(True) == "SUPPORTS" and C.verdict_word("contradicts") == "CONTRADICTS"
+
+
+def _lopt_per_seed(val_errors_by_seed, eta_bump):
+    """Runs as lanczos_damping makes them: one list per seed, val error at matched loss."""
+    per_seed = []
+    for seed, errors in enumerate(val_errors_by_seed):
+        runs = []
+        for d, v in zip((1e-3, 1e-2, 1e-1), errors):
+            for eta, bump in ((1.0, 0.0), (10.0, eta_bump)):
+                runs.append(
+                    {"seed": seed, "delta": d, "eta": eta, "reached": 10, "val_error": v + bump}
+                )
+        per_seed.append(runs)
+    return per_seed, {
+        "deltas": (1e-3, 1e-2, 1e-1),
+        "etas": (10.0,),
+        "eta_deltas": (1e-3, 1e-2, 1e-1),
+        "target_loss": 0.2,
+    }
 
 
 def test_lanczos_damping_verdicts_follow_the_numbers():
-    runs, s = _lopt_runs([0.10, 0.08, 0.06])  # worse at small delta (large R)
-    checks, _ = lanczos_damping._checks(runs, s)
-    assert checks[0].supports is True and checks[2].supports is True
-    runs, s = _lopt_runs([0.06, 0.08, 0.10])  # better at small delta
-    checks, _ = lanczos_damping._checks(runs, s)
-    assert checks[0].supports is False
+    worse_small = [[0.10, 0.08, 0.06], [0.11, 0.08, 0.05], [0.10, 0.07, 0.06]]
+    checks, summary = lanczos_damping._checks(*_lopt_per_seed(worse_small, 0.03))
+    assert [c.verdict for c in checks] == ["supports", "supports"]
+    assert summary["slope_val_error_per_decade"][0] == pytest.approx(-0.02)
+    better_small = [[0.06, 0.08, 0.10], [0.05, 0.08, 0.11], [0.06, 0.07, 0.10]]
+    checks, _ = lanczos_damping._checks(*_lopt_per_seed(better_small, -0.03))
+    assert [c.verdict for c in checks] == ["contradicts", "contradicts"]
+    mixed = [[0.10, 0.08, 0.06], [0.06, 0.08, 0.10], [0.08, 0.08, 0.08]]
+    checks, _ = lanczos_damping._checks(*_lopt_per_seed(mixed, 0.0))
+    assert [c.verdict for c in checks] == ["inconclusive", "inconclusive"]
 
 
 def test_overall_verdict():
-    yes, no, unknown = (C.Check("c", v, "e") for v in (True, False, None))
-    assert C.overall([yes, yes]) is True
-    assert C.overall([yes, no, unknown]) is False
-    assert C.overall([yes, unknown]) is None
+    yes, no, unknown = (
+        C.claim_check("c", "m", v, direction=+1)
+        for v in ([1.0, 1.1, 0.9], [-1.0, -1.1, -0.9], [1.0, -1.0, 0.0])
+    )
+    assert C.overall([yes, yes]) == "supports"
+    assert C.overall([yes, no, unknown]) == "contradicts"
+    assert C.overall([yes, unknown]) == "inconclusive"
 
 
 def test_json_is_strict():
@@ -256,3 +357,35 @@ def test_torchvision_loader_reads_local_idx_files(name, tmp_path, monkeypatch):
     assert torch.equal(y, labels["t10k"])
     x, y = data.load_torchvision(name, root=tmp_path, limit=5)
     assert x.shape == (5, 1, 28, 28) and torch.equal(y, labels["train"][:5])
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def test_paper_scale_reads_cifar100_from_local_files_only(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
+    with pytest.raises(data.DataNotFoundError, match="never downloads"):
+        workloads.image_workload("paper", 0, torch.device("cpu"))
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing was downloaded
+    assert workloads.describe_workload("paper").startswith("VGG-16")
+
+
+def test_vgg16_has_the_papers_shape():
+    model = workloads.VGG16(n_classes=100)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(convs) == 13 and len(linears) == 3  # 16 weight layers
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(p.numel() for p in model.parameters()) == 15_291_300
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_damper_configurations_start_at_delta_star():
+    labels = [c.label for c in dampers.DAMPER_CONFIGS]
+    assert len(labels) == len(set(labels)) >= 1
+    for config in dampers.DAMPER_CONFIGS:
+        damper = dampers.make_damper(config, 3e-4, batch_size=16, update_every=5, seed=0)
+        assert damper.damping == 3e-4 and damper.floor == 3e-4
+        assert damper.batch_size == 16 and damper.update_every == 5
+    fixed = dampers.DamperConfig("floor 0", {"rule": "rmt"}, floor=0.0)
+    assert dampers.make_damper(fixed, 1e-3, batch_size=8, update_every=1, seed=0).floor == 0.0
