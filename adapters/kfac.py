@@ -504,7 +504,7 @@ class DampedKFACInverse:
     operator : curvlinops.KFACInverseLinearOperator
         The current inverse (rebuilt at each damping change).
     n_rebuilds : int
-        Inverses built after the first one.
+        Inverses built after the first one (damping changes and :meth:`refresh`).
 
     Examples
     --------
@@ -550,16 +550,20 @@ class DampedKFACInverse:
         value = _check_damping(value)
         if self.heuristic and value == 0:
             raise InvalidInputError("heuristic damping needs damping > 0")
-        if value == self._damping:
-            return
+        if value != self._damping:
+            self._damping = value
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild the inverse from the operator's current factors: call it after
+        ``operator.compute_kronecker_factors()`` (the old inverse caches the old ones)."""
         self.operator = _curvlinops().KFACInverseLinearOperator(
             self.kfac,
-            damping=value,
+            damping=self._damping,
             use_exact_damping=self.exact,
             use_heuristic_damping=self.heuristic,
             **self.options,
         )
-        self._damping = value
         self.n_rebuilds += 1
 
     def __matmul__(self, other):
