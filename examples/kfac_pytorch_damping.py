@@ -77,30 +77,31 @@ def main(argv=None) -> dict:
     if args.resume:
         start = restore(torch.load(args.resume), model, optimizer, preconditioner, damper)
 
-    losses, dampings = [], []
+    losses, dampings, follows = [], [], True
     for step in range(start, args.steps):
         x, y = batches[step % len(batches)]
+        delta = damper.damping
         optimizer.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
         preconditioner.step()                  # reads the damper's current delta
+        follows &= preconditioner.damping == delta
         optimizer.step()
         damper.step(model, loss_fn, (x, y))    # re-estimates delta every update_every steps
         losses.append(loss.item())
-        dampings.append(damper.damping)
+        dampings.append(delta)
         if args.save_at is not None and step + 1 == args.save_at:
             torch.save(state(step + 1, model, optimizer, preconditioner, damper), args.checkpoint)
 
     final = state(args.steps, model, optimizer, preconditioner, damper)
-    final["dampings"] = dampings  # after each step run by this process
+    final["dampings"] = dampings  # used at each step run by this process
     if args.out:
         torch.save(final, args.out)
     recent = losses[-len(batches) :]
     mean = sum(recent) / max(len(recent), 1)
     print(f"steps {args.steps}, mean loss of the last {len(recent)} steps {mean:.4f}")
-    print(f"damper updates {len(damper.history)}")
-    print(f"damper damping {damper.damping!r}")
-    print(f"kfac-pytorch damping {preconditioner.damping!r}")
+    print(f"damper updates {len(damper.history)}, distinct dampings used {len(set(dampings))}")
+    print(f"kfac-pytorch applied the damper's value at every step: {follows}")
     return final
 
 
