@@ -100,3 +100,19 @@ def test_invalid_inverses_are_refused():
     with pytest.raises(InvalidInputError, match=">= 0"):
         inverse.damping = -1.0
     assert inverse.damping == 0.1
+
+
+def test_refresh_uses_the_recomputed_factors():
+    model, _, _, op, K = kfac_operator()
+    V = probes(K.shape[0])
+    inverse = DampedKFACInverse(op, damping=0.05)
+    stale = inverse @ V
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    op.compute_kronecker_factors()
+    K_new = op @ torch.eye(K.shape[0], dtype=torch.float64)
+    assert torch.equal(inverse @ V, stale)  # the inverse still holds the old factors
+    inverse.refresh()
+    assert rel_err(inverse @ V, dense_inverse(K_new, 0.05, V)) < 1e-9
+    assert rel_err(dense_inverse(K_new, 0.05, V), stale) > 1e-2
