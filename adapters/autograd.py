@@ -254,9 +254,10 @@ class AutogradEstimator(CurvatureEstimator):
 
     def _group_fn(self, group_size: int):
         """f(x_g, y_g, masks_g, r_g, V) -> [k, P]: one group's curvature times the probe rows
-        of V, scaled so rows average to the full product. The Hessian's forward pass and first
-        backward are shared by the probes (a vjp of the gradient); second derivatives are
-        reverse-over-reverse (forward-over-reverse hits immutable ZeroTensors in MSELoss)."""
+        of V, scaled so rows average to the full product. Second derivatives are
+        reverse-over-reverse of a directional derivative (a vjp of the gradient breaks
+        BatchNorm's double backward under vmap; forward-over-reverse hits immutable
+        ZeroTensors in MSELoss)."""
         primals = tuple(p.detach() for p in self.params)
         scale = self.sample_scale / group_size
 
@@ -265,9 +266,17 @@ class AutogradEstimator(CurvatureEstimator):
 
         def product(x, y, masks, r, V):
             if self.curvature == "hessian":
-                _, hvp = vjp(grad(lambda ps: scale * self.loss.summed(forward(ps, x, masks), y)),
-                             primals)
-                return vmap(lambda v: flatten(hvp(tuple(unflatten(v, self.params)))[0]))(V)
+
+                def hvp(v):
+                    vs = tuple(unflatten(v, self.params))
+
+                    def directional(ps):  # v^T grad L(ps): its gradient is H v
+                        loss = lambda q: scale * self.loss.summed(forward(q, x, masks), y)  # noqa: E731
+                        return sum((gi * vi).sum() for gi, vi in zip(grad(loss)(ps), vs))
+
+                    return flatten(grad(directional)(primals))
+
+                return vmap(hvp)(V)
 
             def one(v):
                 vs = tuple(unflatten(v, self.params))

@@ -342,7 +342,7 @@ class KFACEstimator(CurvatureEstimator):
         if self._factors is None:
             self._factors = kronecker_factors(
                 self.view.module,
-                self.loss_fn,
+                self.loss.loss_fn,
                 self.view.parameters,
                 self.batches,
                 fisher_type=self.fisher_type,

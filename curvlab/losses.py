@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from curvlab.errors import InvalidInputError, NumericalError, UnsupportedModelError
+from curvlab.model_view import hook_free_copy, no_global_hooks
 
 #: The losses with a likelihood (Fisher, BackPACK, KFAC).
 LIKELIHOOD_LOSSES = "MSELoss, CrossEntropyLoss or BCEWithLogitsLoss"
@@ -87,6 +88,8 @@ class LossSpec:
                 f"{type(loss_fn).__name__} has reduction={reduction!r}; curvlab needs the loss "
                 "averaged over samples: use reduction='mean'"
             )
+        if isinstance(loss_fn, nn.Module):  # its hooks are the user's: never fire them
+            loss_fn = hook_free_copy(loss_fn, functional_layers=False)[0]
         self.loss_fn = loss_fn
         self.name = type(loss_fn).__name__
         self.class_index = isinstance(loss_fn, _CLASS_INDEX)
@@ -101,11 +104,17 @@ class LossSpec:
         self._checked_shapes: set[tuple] = set()
 
     # ------------------------------------------------------------------ normalisation
+    def __call__(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss itself (without the user's hooks, global ones included)."""
+        with no_global_hooks():
+            return self.loss_fn(out, y)
+
     def summed(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """S_b: the sum of the samples' contributions, with ``loss = S_b / W_b``."""
         if self._sum is not None and not y.is_floating_point():
-            return self._sum(out, y)
-        return out.shape[0] * self.loss_fn(out, y)
+            with no_global_hooks():
+                return self._sum(out, y)
+        return out.shape[0] * self(out, y)
 
     def normaliser(self, y: torch.Tensor) -> float:
         """W_b, the loss's normaliser for targets ``y`` (independent of the parameters)."""
@@ -179,7 +188,7 @@ class LossSpec:
         ``summed / normaliser`` (and, for a plain callable, the size-weighted mean of its
         halves' losses: a per-sample average). Shapes already seen are not re-checked."""
         self.check_targets(out, y, where)
-        loss = self.loss_fn(out, y)
+        loss = self(out, y)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise InvalidInputError(
@@ -203,7 +212,7 @@ class LossSpec:
             n = out.shape[0]
             if not self.known and n >= 2:
                 k = n // 2
-                halves = (k * self.loss_fn(out[:k], y[:k]) + (n - k) * self.loss_fn(out[k:], y[k:]))
+                halves = k * self(out[:k], y[:k]) + (n - k) * self(out[k:], y[k:])
                 _require_close(
                     halves / n,
                     loss,
