@@ -27,36 +27,41 @@ installed and how to install it.
 
 from __future__ import annotations
 
-import math
+import numbers
 from collections.abc import Callable
 
-from curvlab.errors import InvalidInputError
+from curvlab.damping.resolve import DampingSource, checked_damping, resolve_damping
 
 
-def damping_schedule(damper) -> Callable[[int], float]:
+def damping_schedule(damper: DampingSource) -> Callable[[int], float]:
     """A ``step -> float`` callable for kfac-pytorch's ``damping=`` argument.
 
-    ``damper`` is a number (constant damping), a callable ``damper(step)`` (such as
-    ``LinearShrinkageDamper``), or any object with a ``damping`` attribute read at each
-    call. The returned value is a Python float, checked to be finite and non-negative.
+    The value comes from :func:`curvlab.damping.resolve_damping`, the resolver every curvlab
+    consumer uses, in its order: a number (constant damping, checked now), an object with a
+    ``damping`` attribute (a ``LinearShrinkageDamper``; its cached value is read at every
+    call), or a callable of the step. Every value is a Python float, finite and positive
+    (kfac-pytorch itself refuses a damping of 0).
+
+    Parameters
+    ----------
+    damper : float, object with a ``damping`` attribute, or callable
+        The damping source.
+
+    Returns
+    -------
+    callable
+        ``schedule(step) -> float``; cheap, and it advances nothing (kfac-pytorch calls it
+        several times per step).
+
+    Examples
+    --------
+    >>> damping_schedule(0.01)(7)
+    0.01
+    >>> damping_schedule(lambda step: 1.0 / (step + 1))(3)
+    0.25
     """
-    if isinstance(damper, bool):
-        raise InvalidInputError("damping must be a number, a callable of the step, or a damper")
-    if isinstance(damper, (int, float)):
-        value = _checked(damper)
+    if isinstance(damper, numbers.Real) and not isinstance(damper, bool):
+        value = checked_damping(damper)
         return lambda step: value
-    if callable(damper):
-        return lambda step: _checked(damper(step))
-    if hasattr(damper, "damping"):
-        return lambda step: _checked(damper.damping)
-    raise InvalidInputError(
-        f"cannot use {type(damper).__name__} as a damping schedule: pass a number, a callable "
-        "of the step, or an object with a 'damping' attribute (e.g. LinearShrinkageDamper)"
-    )
-
-
-def _checked(value) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise InvalidInputError(f"damping must be finite and non-negative, got {value}")
-    return value
+    resolve_damping(damper, 0)  # refuse a non-damper now, not inside kfac-pytorch
+    return lambda step: resolve_damping(damper, step)

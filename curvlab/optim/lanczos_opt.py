@@ -27,30 +27,11 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from curvlab.damping.resolve import DampingSource, resolve_damping
 from curvlab.errors import CurvlabWarning, InvalidInputError
 from curvlab.estimator import CurvatureEstimator
 
-DampingSource = float | Callable[[int], float] | Any
 _NEGATIVE = ("abs", "clamp")
-
-
-def resolve_damping(source: DampingSource, step: int) -> float:
-    """delta from a number, an object with a ``damping`` attribute (a LinearShrinkageDamper),
-    or a callable of the step count (checked in that order)."""
-    if isinstance(source, numbers.Real):
-        value = float(source)
-    elif hasattr(source, "damping"):
-        value = float(source.damping)
-    elif callable(source):
-        value = float(source(step))
-    else:
-        raise InvalidInputError(
-            "damping must be a float, a callable of the step, or an object with a "
-            f"'damping' attribute (a LinearShrinkageDamper); got {type(source).__name__}"
-        )
-    if not (value > 0 and value < float("inf")):
-        raise InvalidInputError(f"damping must be positive and finite, got {value!r}")
-    return value
 
 
 def lanczos_direction(
