@@ -5,17 +5,21 @@ damper's delta goes straight into ``eps``; Adam's update itself is torch's, unch
 
 Recipe with any torch optimizer that has an ``eps`` in its param groups::
 
-    damper = curvlab.LinearShrinkageDamper(rule="rmt", init=1e-3, update_every=100)
+    damper = curvlab.LinearShrinkageDamper(init=1e-3, update_every=100)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=damper.damping)
     damper.attach(opt, key="eps")          # every damper update rewrites group["eps"]
-    for step, (x, y) in enumerate(loader):
-        ...                                # forward, backward
+    for x, y in loader:
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
         opt.step()
-        damper.step(...)                   # updates delta every update_every steps
+        damper.step(model, loss_fn, (x, y), loss=loss)   # updates eps every 100 steps
 
-:func:`adam_with_learned_eps` does the first three lines. Note the paper's caveat: Adam
-preconditions with sqrt of the gradient second moment, so a delta estimated for the Hessian
-can be too harsh; the paper pairs it with the eq. 16 warm-up schedule.
+:func:`adam_with_learned_eps` does the first three lines. Param groups keep a documented
+relation to the learned eps (``groups=``, see :class:`curvlab.damping.ParamGroupSink`), and
+``compensate=True`` runs every step at ``lr (1 + eps)`` (eq. 13). Note the paper's caveat:
+Adam preconditions with sqrt of the gradient second moment, so a delta estimated for the
+Hessian can be too harsh; the paper pairs it with the eq. 16 warm-up schedule.
 """
 
 from __future__ import annotations
@@ -35,13 +39,42 @@ def adam_with_learned_eps(
     betas: tuple[float, float] = (0.9, 0.999),
     weight_decay: float = 0.0,
     decoupled: bool = False,
+    *,
+    groups: str | None = None,
+    compensate: bool = False,
     **kwargs: Any,
 ) -> torch.optim.Adam | torch.optim.AdamW:
     """A ``torch.optim.Adam`` (``decoupled=True``: ``AdamW``) whose ``eps`` follows ``damper``.
 
-    ``damper`` is a LinearShrinkageDamper (or any object with a ``damping`` attribute and
-    ``attach(optimizer, key)``); ``eps`` starts at ``damper.damping``. Extra keyword
-    arguments (``amsgrad``, ``foreach``, ...) go to the torch constructor.
+    Parameters
+    ----------
+    params : iterable
+        Parameters or param groups (a group may carry its own ``eps``: see ``groups``).
+    damper : LinearShrinkageDamper
+        Or any object with a ``damping`` attribute and ``attach(optimizer, key, ...)``;
+        ``eps`` starts at ``damper.damping``.
+    lr, betas, weight_decay : as for torch's Adam.
+    decoupled : bool, default False
+        AdamW (decoupled weight decay) instead of Adam.
+    groups : {None, "shared", "scaled"}, default None
+        How groups with their own ``eps`` relate to the learned value (``damper.attach``).
+    compensate : bool, default False
+        Run each step at ``lr / beta = lr (1 + eps)`` (eq. 13), on top of any scheduler.
+    **kwargs
+        Passed to the torch constructor (``amsgrad``, ``foreach``, ...).
+
+    Returns
+    -------
+    torch.optim.Adam or torch.optim.AdamW
+        torch's own optimizer, attached to the damper.
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> damper = curvlab.LinearShrinkageDamper(init=1e-4)
+    >>> opt = adam_with_learned_eps(torch.nn.Linear(2, 1).parameters(), damper, lr=1e-2)
+    >>> opt.param_groups[0]["eps"]
+    0.0001
     """
     if not hasattr(damper, "damping") or not callable(getattr(damper, "attach", None)):
         raise InvalidInputError(
@@ -54,5 +87,8 @@ def adam_with_learned_eps(
     optimizer = cls(
         params, lr=lr, betas=betas, eps=float(damper.damping), weight_decay=weight_decay, **kwargs
     )
-    damper.attach(optimizer, key="eps")
+    if groups is None and compensate is False:
+        damper.attach(optimizer, key="eps")  # duck-typed dampers need only (optimizer, key)
+    else:
+        damper.attach(optimizer, key="eps", groups=groups, compensate=compensate)
     return optimizer
