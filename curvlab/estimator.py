@@ -448,10 +448,13 @@ class CurvatureEstimator(Operator):
         group_size: int = 1,
         source: str = "matvec",
         population: float | None = None,
+        progress: bool | None = None,
+        callback=None,
     ) -> NoiseEstimate:
         """Hessian noise variance P^-1 E||H_B - H||_F^2 for batches of ``batch_size``.
 
-        The paper's optimal damping (eq. 15); see :func:`curvlab.noise.noise_variance`.
+        The paper's optimal damping (eq. 15); see :func:`curvlab.noise.noise_variance`
+        for every parameter.
         """
         from curvlab.noise import noise_variance
 
@@ -465,6 +468,8 @@ class CurvatureEstimator(Operator):
             source=source,
             population=population,
             seed=seed,
+            progress=progress,
+            callback=callback,
         )
 
     # ------------------------------------------------------------------ caching

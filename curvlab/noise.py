@@ -44,6 +44,7 @@ from curvlab._params import draw_subsample, shard_layout
 from curvlab._random import Seed, make_generator, unit_sphere
 from curvlab.errors import InvalidInputError, UnsupportedCapabilityError
 from curvlab.estimator import CurvatureEstimator
+from curvlab.progress import Callback, track
 from curvlab.results import NoiseEstimate
 
 METHODS = ("unbiased", "paper")
@@ -62,6 +63,8 @@ def noise_variance(
     source: str = "matvec",
     population: float | None = None,
     seed: Seed = 0,
+    progress: bool | None = None,
+    callback: Callback | None = None,
 ) -> NoiseEstimate:
     """Noise variance of the curvature of a batch of ``batch_size`` samples (the damping).
 
@@ -86,6 +89,15 @@ def noise_variance(
     population : N in the factor 1/B - 1/N; default the estimator's ``num_samples``;
         ``math.inf`` for batches drawn i.i.d. (factor 1/B).
     seed : int or torch.Generator (on the estimator's device) for the probes and subsample.
+    progress, callback : a progress bar on stderr / a callback per block of probes (see
+        :mod:`curvlab.progress`).
+
+    Returns
+    -------
+    NoiseEstimate
+        ``value`` averages the probes; ``stderr`` combines the spread over probes with a
+        delete-one-group jackknife over the groups (so it covers which samples were drawn,
+        and is finite for one probe), sqrt(var_probes / n_probes + mean_probes var_groups).
     """
     _check_args(est, batch_size, n_probes, method, group_size, source)
     n_pop = float(est.num_samples if population is None else population)
@@ -101,14 +113,14 @@ def noise_variance(
         return _diagonal_estimate(work, n_probes, factor, batch_size)
     # rows: probes uniform on the unit sphere
     V = unit_sphere((est.num_params, n_probes), generator=gen, dtype=est.dtype, device=est.device).T
-    stats = probe_statistics(work, V, group_size)
+    stats = probe_statistics(work, V, group_size, progress=progress, callback=callback)
     n_groups = stats.n_groups
     if method == "unbiased":
         sigma2 = stats.centred / (n_groups - 1)
     else:  # Algorithm 1 as printed, with the 1/n: mean ||u_i||^2 - (v^T u_bar)^2
         sigma2 = (stats.centred + n_groups * stats.mean_sq) / n_groups - stats.vu**2
     values = factor * group_size * sigma2
-    stderr = float(values.std() / math.sqrt(n_probes)) if n_probes > 1 else math.nan
+    stderr = _stderr(values, (factor * group_size) ** 2 * stats.group_variance())
     return NoiseEstimate(
         value=float(values.mean()),
         stderr=stderr,
@@ -121,6 +133,13 @@ def noise_variance(
         source=source,
         trace_per_param=float(stats.vu.mean()),
     )
+
+
+def _stderr(values: torch.Tensor, group_variance: torch.Tensor) -> float:
+    """sqrt(var over probes / n_probes + mean over probes of the group jackknife variance)."""
+    probes = float(values.var() / values.numel()) if values.numel() > 1 else 0.0
+    groups = float(group_variance.mean())
+    return math.sqrt(probes + groups) if math.isfinite(groups) else math.nan
 
 
 def _check_args(est, batch_size, n_probes, method, group_size, source) -> None:
@@ -161,16 +180,36 @@ def _group_products(est, V: torch.Tensor, group_size: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class ProbeStatistics:
     """Per probe row v of V, over all ranks' n groups with products u_i = H_i v:
-    ``centred`` = sum_i ||u_i - u_bar||^2, ``mean_sq`` = ||u_bar||^2, ``vu`` = v^T u_bar
-    ([k] float64 on the CPU), and ``n_groups``."""
+    ``centred`` = sum_i d_i with d_i = ||u_i - u_bar||^2, ``spread`` = sum_i (d_i - d_bar)^2,
+    ``mean_sq`` = ||u_bar||^2, ``vu`` = v^T u_bar ([k] float64 on the CPU), and ``n_groups``."""
 
     centred: torch.Tensor
+    spread: torch.Tensor
     mean_sq: torch.Tensor
     vu: torch.Tensor
     n_groups: int
 
+    def group_variance(self) -> torch.Tensor:
+        """[k] delete-one-group jackknife variance of s2 = centred / (n - 1).
 
-def probe_statistics(est, V: torch.Tensor, group_size: int = 1) -> ProbeStatistics:
+        Leaving group j out gives s2_(j) = ((n - 1) s2 - n d_j / (n - 1)) / (n - 2), so the
+        jackknife variance (n - 1)/n sum_j (s2_(j) - mean)^2 is
+        n / ((n - 1) (n - 2)^2) sum_j (d_j - d_bar)^2 (NaN below 3 groups).
+        """
+        n = self.n_groups
+        if n < 3:
+            return torch.full_like(self.centred, math.nan)
+        return n / ((n - 1) * (n - 2) ** 2) * self.spread
+
+
+def probe_statistics(
+    est,
+    V: torch.Tensor,
+    group_size: int = 1,
+    *,
+    progress: bool | None = None,
+    callback: Callback | None = None,
+) -> ProbeStatistics:
     """The sufficient statistics of shared-probe group products, for probe rows V [k, P].
 
     Two passes per block of probes: the group sums and counts are all-reduced first, then
@@ -181,7 +220,8 @@ def probe_statistics(est, V: torch.Tensor, group_size: int = 1) -> ProbeStatisti
     shared = getattr(est, "distributed", False)
     parts: list[tuple[torch.Tensor, ...]] = []
     n = 0
-    for block in V.split(_probes_per_call(est, group_size)):
+    blocks = V.split(_probes_per_call(est, group_size))
+    for block in track(blocks, "noise probes", progress=progress, callback=callback):
         U = _group_products(est, block, group_size)
         k = block.shape[0]
         head = torch.cat([U.sum(1), U.new_full((k, 1), U.shape[1])], dim=1)
@@ -194,18 +234,25 @@ def probe_statistics(est, V: torch.Tensor, group_size: int = 1) -> ProbeStatisti
                 "use a smaller group_size or more data"
             )
         mean = head[:, :-1] / n
-        centred = (torch.linalg.vector_norm(U - mean[:, None], dim=(1, 2)) ** 2).to(torch.float64)
-        if shared:
-            centred = torch.tensor(dist.all_reduce_scalars(*centred.tolist()), dtype=torch.float64)
+        d = (torch.linalg.vector_norm(U - mean[:, None], dim=2) ** 2).to(torch.float64)  # [k, G]
+        centred = _all_reduced(d.sum(1), shared)
+        spread = _all_reduced(((d - (centred / n)[:, None]) ** 2).sum(1), shared)
         parts.append(
             (
-                centred.cpu(),
+                centred,
+                spread,
                 (mean * mean).sum(1).to(torch.float64).cpu(),
                 (block * mean).sum(1).to(torch.float64).cpu(),
             )
         )
-    centred, mean_sq, vu = (torch.cat(t) for t in zip(*parts))
-    return ProbeStatistics(centred, mean_sq, vu, n)
+    centred, spread, mean_sq, vu = (torch.cat(t) for t in zip(*parts))
+    return ProbeStatistics(centred, spread, mean_sq, vu, n)
+
+
+def _all_reduced(t: torch.Tensor, shared: bool) -> torch.Tensor:
+    """A small float64 tensor summed over ranks (two passes keep the spreads accurate)."""
+    t = t.to(torch.float64).cpu()
+    return torch.tensor(dist.all_reduce_scalars(*t.tolist()), dtype=torch.float64) if shared else t
 
 
 def subsample_estimator(

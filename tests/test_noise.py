@@ -144,11 +144,38 @@ def test_result_fields_and_counts(logreg):
     assert (res.batch_size, res.n_samples, res.n_groups, res.n_matvecs) == (16, 200, 200, 1000)
     assert (res.method, res.source) == ("unbiased", "matvec")
     assert res.per_probe.shape == (5,) and res.value == pytest.approx(float(res.per_probe.mean()))
-    assert res.stderr == pytest.approx(float(res.per_probe.std()) / math.sqrt(5))
+    probes = float(res.per_probe.var()) / 5
+    assert res.stderr**2 > probes  # the spread over probes plus the groups' jackknife
     assert est.n_matvecs - before == 1000
     assert float(res) == res.damping == res.value
     again = est.noise_variance(batch_size=16, n_probes=5, seed=3)
     assert torch.equal(again.per_probe, res.per_probe)
+
+
+def test_group_jackknife_equals_leaving_each_group_out(logreg):
+    from curvlab.noise import probe_statistics
+
+    est = logreg[0]
+    v = torch.randn(est.num_params, dtype=est.dtype, generator=torch.Generator().manual_seed(0))
+    v = v / v.norm()
+    for g in (1, 8):
+        U = est.group_matvecs(v, g)
+        n = U.shape[0]
+
+        def s2(rows):
+            return float(((rows - rows.mean(0)) ** 2).sum() / (rows.shape[0] - 1))
+
+        left_out = torch.tensor([s2(torch.cat([U[:j], U[j + 1 :]])) for j in range(n)])
+        brute = float((n - 1) / n * ((left_out - left_out.mean()) ** 2).sum())
+        stats = probe_statistics(est, v[None], g)
+        # the brute force subtracts nearly equal leave-one-out values: ~1e-6 relative roundoff
+        assert float(stats.group_variance()[0]) == pytest.approx(brute, rel=1e-5)
+        assert float(stats.centred[0]) / (n - 1) == pytest.approx(s2(U), rel=1e-12)
+
+
+def test_one_probe_still_has_a_standard_error(logreg):
+    res = logreg[0].noise_variance(batch_size=16, n_probes=1, seed=0)
+    assert math.isfinite(res.stderr) and 0 < res.stderr < res.value
 
 
 def test_population_sets_the_finite_population_factor(logreg):
