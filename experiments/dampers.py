@@ -11,8 +11,9 @@ The damper's update rules are being rebuilt (issue 13: the paper's description, 
 authors' released rule delta <- 0.7 delta + 0.3 (delta* + sigma^2) with learning-rate
 compensation, outlier rejection, rules as objects). When they land, add one
 :class:`DamperConfig` per rule to :data:`DAMPER_CONFIGS`, with the keyword arguments that
-select it in ``options`` (for example ``{"rule": RMTLinear(...)}`` or the new update-rule
-keyword); nothing else in the experiments changes.
+select it in ``options`` (a dict, or a function of delta* for rule objects that hold the
+floor, e.g. ``lambda init: {"update_rule": CurvlabUpdate(ema=0.7, floor=init)}`` with
+``floor=None``); nothing else in the experiments changes.
 
 Examples
 --------
@@ -23,6 +24,7 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,17 +39,19 @@ class DamperConfig:
     Attributes
     ----------
     label : str
-    options : dict
+    options : dict or callable
         Keyword arguments besides the common ones of :func:`make_damper` (they override
-        those).
-    floor : str or float, default "init"
-        "init": the floor is the initial damping delta* (the paper: "the damping is given an
-        initial floor value of delta*"); a number: that floor.
+        those), or a function of delta* returning them (for rule objects built per run,
+        e.g. ``lambda init: {"update_rule": SomeRule(floor=init)}``).
+    floor : "init", float or None, default "init"
+        "init": ``floor=delta*`` (the paper: "the damping is given an initial floor value
+        of delta*"); a number: that floor; None: no ``floor`` keyword (a rule object in
+        ``options`` sets its own).
     """
 
     label: str
-    options: dict[str, Any] = field(default_factory=dict)
-    floor: str | float = "init"
+    options: dict[str, Any] | Callable[[float], dict[str, Any]] = field(default_factory=dict)
+    floor: str | float | None = "init"
 
 
 #: The rules compared by the experiments; issue 13's rules are added here (module docstring).
@@ -86,16 +90,16 @@ def make_damper(
     -------
     curvlab.LinearShrinkageDamper
     """
-    floor = init if config.floor == "init" else float(config.floor)
     kwargs = {
         "init": init,
-        "floor": floor,
         "batch_size": batch_size,
         "update_every": update_every,
         "seed": seed,
         **common,
-        **config.options,
     }
+    if config.floor is not None:
+        kwargs["floor"] = init if config.floor == "init" else float(config.floor)
+    kwargs.update(config.options(init) if callable(config.options) else config.options)
     return curvlab.LinearShrinkageDamper(**kwargs)
 
 

@@ -40,7 +40,7 @@ CLAIM = (
 PAPER_SETTING = (
     "VGG-16 on CIFAR-100, no weight decay, 300 epochs with linear annealing, momentum 0.9, "
     "logarithmic grid in (0.01, 1); `--scale paper` here: VGG-16 (no batch norm) on "
-    "CIFAR-100 from local files, batch 128, 5 epochs per rate, 9 rates from 1e-3 to 1"
+    "CIFAR-100 from local files, batch 128, 5 epochs per rate, 13 rates from 1e-3 to 1"
 )
 FIELDS = (*C.COMMON_FIELDS, "per_seed", "summary")
 

@@ -389,3 +389,5 @@ def test_damper_configurations_start_at_delta_star():
         assert damper.batch_size == 16 and damper.update_every == 5
     fixed = dampers.DamperConfig("floor 0", {"rule": "rmt"}, floor=0.0)
     assert dampers.make_damper(fixed, 1e-3, batch_size=8, update_every=1, seed=0).floor == 0.0
+    per_run = dampers.DamperConfig("floor 2 delta*", lambda init: {"floor": 2 * init}, None)
+    assert dampers.make_damper(per_run, 1e-3, batch_size=8, update_every=1, seed=0).floor == 2e-3
