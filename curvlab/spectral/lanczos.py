@@ -51,8 +51,12 @@ verification (``verify=20``) or a smaller ``tol`` finds it.
 
 Reported residuals are the Ritz estimates |beta s_j|, corrected for the couplings dropped when
 locking (kept as r_e^T V products), so they equal the true ||A x - lambda x|| up to roundoff
-of order eps ||A||. The small projected problems are solved in float64 on the CPU; all
-P-sized work stays on ``op.device``.
+of order eps ||A||, eps that of ``op.dtype``: for a float32 operator the products' own
+rounding (about 1e-7 ||A||) and the rounding of the returned vectors to float32 are not in
+them, and a ``tol`` below about 1e-9 asks for more than float32 products carry (the Ritz
+estimates stall near their noise floor and the run may exhaust ``max_iter``). The small
+projected problems are solved in float64 on the CPU; all P-sized work stays on
+``op.device``.
 
 ARPACK (``scipy.sparse.linalg.eigsh``) was measured behind this interface (``python -m
 benchmarks eigen``, BENCHMARKS.md): it needs more products for the same pairs and
@@ -128,7 +132,9 @@ def eigenpairs(
         Residual tolerance relative to ||A||_2: every returned pair has
         ||A x - lambda x|| <= tol ||A||_2, so each eigenvalue is within tol ||A||_2 of one of
         A's, and within about (tol ||A||_2)^2 / gap for an eigenvalue separated by ``gap``
-        (about 1e-12 relative for the default and a well separated top eigenvalue).
+        (about 1e-12 relative for the default and a well separated top eigenvalue in
+        float64; about 1e-8 in float32, the products' own accuracy). Keep it >= 1e-9 for
+        float32 operators (module docstring).
     max_iter : int, optional
         Matvec budget (default 50 * ncv, at least ncv).
     ncv : int, optional
@@ -152,11 +158,12 @@ def eigenpairs(
     Returns
     -------
     Eigenpairs
-        Values in descending order, vectors [P, k] as matching columns, residual norms (all
-        in ``op.dtype`` on ``op.device``), the matvec count and ``converged`` (every pair
-        meets ``tol`` and the verification finished); a :class:`NotConvergedWarning`
-        otherwise. Operators with P <= 2 * ncv are solved directly: P matvecs with identity
-        columns and a dense ``eigh`` (residuals then measured exactly).
+        Values in descending order, vectors [P, k] as matching columns (Lanczos: a view of
+        contiguous [k, P] rows), residual norms (the Ritz estimates; all in ``op.dtype`` on
+        ``op.device``), the matvec count and ``converged`` (every pair meets ``tol`` and
+        the verification finished); a :class:`NotConvergedWarning` otherwise. Operators
+        with P <= 2 * ncv are solved directly: P matvecs with identity columns and a dense
+        ``eigh`` (residuals then measured exactly).
 
     Warns
     -----
@@ -207,6 +214,12 @@ def eigenpairs(
     dtype = _basis_dtype(op, rows, basis_dtype)
     with Progress("eigenpairs", None, progress=progress, callback=callback) as bar:
         if P <= DENSE_FACTOR * ncv:
+            warn_if_over_memory(
+                f"eigenpairs(k={k}, ncv={ncv}): the dense {P} x {P} matrix (P <= 2 ncv)",
+                2 * P * P * element_size(dtype),
+                op.device,
+                "lower k or ncv",
+            )
             return _dense_eigenpairs(op, n_top, n_bot, ncv, dtype, bar)
         warn_if_over_memory(
             f"eigenpairs(k={k}, ncv={ncv}): the Lanczos basis ({rows} x {P} {dtype})",
