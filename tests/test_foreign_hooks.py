@@ -308,20 +308,27 @@ GLOBAL_HOOKS_DEFECT = pytest.mark.xfail(
     "backend,curvature",
     [
         ("autograd", "hessian"),
-        ("backpack", "ggn"),
+        pytest.param(
+            "backpack", "ggn",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="backpack: its private loss copy runs outside no_global_hooks() "
+                "(BackpackEstimator._graph), so global module hooks fire on it",
+            ),
+        ),
         ("pyhessian", "hessian"),
         pytest.param("kfac", "ggn", marks=GLOBAL_HOOKS_DEFECT),
     ],
 )
 def test_global_module_hooks_never_fire_on_the_model(backend, curvature):
-    """Global module hooks fire on no module of the model nor of any private copy of it
-    (calls of loss modules are the next test's subject)."""
+    """Global module hooks fire on no module of the model, of the loss, nor of any private
+    copy of them."""
     model = make_model(False).train()
     x, y = make_data()
     loss_fn = nn.CrossEntropyLoss()
     fired = []
     handle = nn.modules.module.register_module_forward_pre_hook(
-        lambda m, args: None if isinstance(m, nn.modules.loss._Loss) else fired.append(m)
+        lambda m, args: fired.append(type(m).__name__)
     )
     try:
         est = curvlab.estimator(backend, model, loss_fn, (x, y), curvature=curvature)
@@ -332,11 +339,6 @@ def test_global_module_hooks_never_fire_on_the_model(backend, curvature):
     assert fired == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the user's loss module runs as it is: its hooks (a BackPACK-extended loss, the "
-    "user's own) fire, and its full backward hook stops vmap (loop fallback with a warning)",
-)
 def test_hooks_on_the_loss_module_neither_fire_nor_break_vmap():
     model = make_model(False).train()
     x, y = make_data()

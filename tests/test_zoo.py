@@ -36,13 +36,6 @@ GROUP_COMBOS = [
 #: strict xfail, so the test reports when the library is fixed and the entry must go.
 KNOWN_DEFECTS = [
     (
-        "test_group_rows_match_per_group_reference_or_refuse",
-        lambda p: p["case"].batchnorm and p["mode"] == "train" and p["backend"] == "autograd"
-        and p.get("curvature") == "hessian" and p["group_size"] > 1,
-        "autograd: train-mode BatchNorm Hessian group products fail under vmap ('accessing "
-        "`data` under vmap transform is not allowed') and fall back to the loop with a warning",
-    ),
-    (
         "*",
         lambda p: p["case"].name == "ce_sequence" and p["backend"] == "autograd"
         and p.get("curvature") == "ef",
