@@ -53,8 +53,10 @@ Reported residuals are the Ritz estimates |beta s_j|, corrected for the coupling
 locking (kept as r_e^T V products), so they equal the true ||A x - lambda x|| up to roundoff
 of order eps ||A||, eps that of ``op.dtype``: for a float32 operator the products' own
 rounding (about 1e-7 ||A||) and the rounding of the returned vectors to float32 are not in
-them, and a ``tol`` below about 1e-9 asks for more than float32 products carry (the Ritz
-estimates stall near their noise floor and the run may exhaust ``max_iter``). The small
+them. A ``tol`` below the dtype's machine epsilon (1.2e-7 for float32) is refused: no
+residual measured through such products can certify it (the Ritz estimates of float32
+products stall between 1e-10 and 1e-8 ||A||, and eigenvalues stop improving at about 1e-8
+relative long before). The small
 projected problems are solved in float64 on the CPU; all P-sized work stays on
 ``op.device``.
 
@@ -133,8 +135,8 @@ def eigenpairs(
         ||A x - lambda x|| <= tol ||A||_2, so each eigenvalue is within tol ||A||_2 of one of
         A's, and within about (tol ||A||_2)^2 / gap for an eigenvalue separated by ``gap``
         (about 1e-12 relative for the default and a well separated top eigenvalue in
-        float64; about 1e-8 in float32, the products' own accuracy). Keep it >= 1e-9 for
-        float32 operators (module docstring).
+        float64; about 1e-8 in float32, the products' own accuracy). At least the machine
+        epsilon of ``op.dtype`` (1.2e-7 for float32; module docstring).
     max_iter : int, optional
         Matvec budget (default 50 * ncv, at least ncv).
     ncv : int, optional
@@ -195,6 +197,12 @@ def eigenpairs(
         raise InvalidInputError(f"which must be one of {WHICH}, got {which!r}")
     if not isinstance(tol, (int, float)) or not tol > 0 or tol != tol or tol == float("inf"):
         raise InvalidInputError(f"tol must be a positive finite number, got {tol!r}")
+    if tol < torch.finfo(op.dtype).eps:
+        raise InvalidInputError(
+            f"tol={tol:g} is below the precision of the operator's {op.dtype} products "
+            f"({torch.finfo(op.dtype).eps:.2g}), which the residuals are measured through; "
+            "use a larger tol or a float64 operator"
+        )
     verify_steps = VERIFY_STEPS if verify is True else verify
     if verify_steps is False:
         verify_steps = 0
