@@ -59,15 +59,3 @@ def test_absent_kfac_pytorch_is_reported_not_fatal():
     model = make_model("tanh_mlp")
     with pytest.raises(UnsupportedCapabilityError, match="integration, not an estimator"):
         curvlab.estimator("kfac-pytorch", model, nn.CrossEntropyLoss(), make_data("tanh_mlp"))
-
-
-@pytest.mark.skipif(not HAS_KFAC_PYTORCH, reason="kfac-pytorch is not installed")
-def test_preconditioner_reads_the_damper():
-    from kfac.preconditioner import KFACPreconditioner
-
-    model = make_model("tanh_mlp").float()
-    damper = curvlab.LinearShrinkageDamper(init=0.03, ema=0.0)
-    preconditioner = KFACPreconditioner(model, damping=damping_schedule(damper))
-    assert preconditioner.damping == pytest.approx(0.03)
-    damper.update(0, 0.2)
-    assert preconditioner.damping == pytest.approx(0.2)
