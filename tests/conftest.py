@@ -188,10 +188,3 @@ def zoo_cache() -> dict:
     keyed by what they depend on; each reference is built once and shared by all backends."""
     return {}
 
-
-@pytest.fixture
-def global_rng_untouched():
-    """Fails the test if its body reads-and-advances or reseeds the global CPU RNG."""
-    state = torch.random.get_rng_state()
-    yield
-    assert torch.equal(state, torch.random.get_rng_state()), "the global RNG was advanced"
