@@ -119,12 +119,6 @@ class LinearShrinkageDamper:
         Seconds the ranks of ``torch.distributed`` wait for each other at an update before
         raising :class:`~curvlab.damping.DampingSyncError` (:mod:`curvlab.damping.sync`).
 
-    Keywords of curvlab before issue 13 (``ema``, ``floor``, ``min``, ``max``, ``n_probes``,
-    ``group_size``, ``method``, ``population``, ``target``, ``fresh_subsample``,
-    ``backend``, ``backend_options``) still work, with a DeprecationWarning naming their
-    replacement; ``ema``/``floor``/``min``/``max`` select the "curvlab" update rule with
-    the old default floor (``init``).
-
     Attributes
     ----------
     damping : float
@@ -133,6 +127,14 @@ class LinearShrinkageDamper:
         beta = tau / (tau + delta), beta again, 1 - beta, and the target scale.
     history : list of DampingRecord
         One record per update (:mod:`curvlab.damping.history`).
+
+    Notes
+    -----
+    Keywords of curvlab before issue 13 (``ema``, ``floor``, ``min``, ``max``, ``n_probes``,
+    ``group_size``, ``method``, ``population``, ``target``, ``fresh_subsample``,
+    ``backend``, ``backend_options``) still work, with a DeprecationWarning naming their
+    replacement; ``ema``/``floor``/``min``/``max`` select the "curvlab" update rule with
+    the old default floor (``init``).
 
     References
     ----------
@@ -341,8 +343,10 @@ class LinearShrinkageDamper:
 
         Parameters
         ----------
-        model, loss_fn : the model and its mean-reduced loss (omit both when the damper was
-            given an estimator).
+        model : torch.nn.Module, optional
+            The model (omit it when the damper was given an estimator).
+        loss_fn : callable, optional
+            Its mean-reduced loss ``loss_fn(model(x), y)`` (omit it likewise).
         data : (x, y) or iterable of (x, y)
             The training batch of this step (or the pool a ``subsample`` is drawn from). It
             is read only at updates.
