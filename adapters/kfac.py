@@ -62,7 +62,7 @@ from curvlab.kronecker import (
     split_params,
 )
 from curvlab.losses import LIKELIHOOD_LOSSES, LossSpec
-from curvlab.model_view import seeded_rng
+from curvlab.model_view import no_global_hooks, seeded_rng
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
 _HOOK_DICTS = (
@@ -161,7 +161,7 @@ def kronecker_factors(
     cls = cl.EKFACLinearOperator if ekfac else cl.KFACLinearOperator
     num_data = sum(int(x.shape[0]) for x, _ in batches)
     device = params[0].device
-    with leave_model_as_found(model):
+    with leave_model_as_found(model), no_global_hooks():
         try:
             mapping = cls.compute_parameter_mapping(list(params), model)
             refuse_shared(mapping)
@@ -261,6 +261,10 @@ class KFACEstimator(CurvatureEstimator):
     backend = "kfac"
     supported_curvatures = frozenset({"ggn", "fisher", "ef"})
     base_capabilities = frozenset({"matvec", "diagonal", "kronecker_factors", "damped_inverse"})
+    #: :func:`kronecker_factors`, for callers in the core that reach this backend through the
+    #: registry (``curvlab.registry.resolve("kfac").batch_factors``), such as
+    #: :class:`curvlab.optim.KFAC` on its own hook-free view of the model.
+    batch_factors = staticmethod(kronecker_factors)
 
     def __init__(
         self,

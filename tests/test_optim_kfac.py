@@ -9,7 +9,7 @@ import torch
 from conftest import dense_ggn, make_data, make_model
 from torch import nn
 
-from curvlab.errors import CurvlabWarning, InvalidInputError
+from curvlab.errors import CurvlabWarning, InvalidInputError, UnsupportedModelError
 
 pytest.importorskip("curvlinops")
 from curvlab.adapters.kfac import KFACEstimator, kronecker_factors
@@ -440,3 +440,22 @@ def test_batch_steps_leave_no_hooks():
     assert hook_count(model, loss_fn) == 2  # armed for a usual loop's first forward pass
     opt.step(batches[0])
     assert hook_count(model, loss_fn) == 0
+
+
+def test_accumulated_batches_under_train_mode_batchnorm_are_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).double()
+    loss_fn = nn.MSELoss()
+    with pytest.warns(CurvlabWarning, match="plain SGD"):
+        opt = KFAC(model, loss_fn, lr=0.1, damping=0.1, fisher_type="type-2")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 4, dtype=torch.float64, generator=gen)
+    y = torch.randn(16, 2, dtype=torch.float64, generator=gen)
+    opt.zero_grad()
+    loss_fn(model(x), y).backward()
+    opt.step()  # one batch: its own statistics define the factors
+    opt.zero_grad()
+    for half in (slice(0, 8), slice(8, 16)):
+        loss_fn(model(x[half]), y[half]).backward()
+    with pytest.raises(UnsupportedModelError, match="BatchNorm"):
+        opt.step()

@@ -32,7 +32,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from curvlab._params import resolve_params
-from curvlab.errors import CurvlabWarning, InvalidInputError, NumericalError
+from curvlab.errors import CurvlabWarning, InvalidInputError, UnsupportedModelError
 from curvlab.kronecker import (
     LayerEigen,
     count_factors,
@@ -44,13 +44,11 @@ from curvlab.kronecker import (
     split_params,
 )
 from curvlab.losses import LIKELIHOOD_LOSSES, LossSpec
-from curvlab.model_view import unwrap
+from curvlab.model_view import ModelView, unwrap
 from curvlab.optim.lanczos_opt import DampingSource, resolve_damping
-from curvlab.registry import estimator, resolve
+from curvlab.registry import resolve
 
 _FISHER_TYPES = ("mc", "type-2", "empirical")
-#: fisher_type -> the ``kfac`` backend's curvature and options
-_BACKEND_CURVATURE = {"type-2": "ggn", "mc": "fisher", "empirical": "ef"}
 _EIG_KEYS = ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G")
 
 
@@ -327,8 +325,9 @@ class KFAC(Optimizer):
         kfac_idx, other = split_params(module, names)
         self._kfac_idx = kfac_idx
         self._blocks = kronecker_blocks(module, [chosen[i] for i in kfac_idx]) if kfac_idx else []
-        if self._blocks:
-            resolve("kfac")  # the factors' backend: a clear install hint if it is missing
+        if self._blocks:  # the kfac backend computes the factors, on a hook-free view
+            self._batch_factors = resolve("kfac").batch_factors  # an install hint if missing
+            self._view = ModelView(module, [names[i] for i in kfac_idx])
         self._layers = list(dict.fromkeys(b.layer for b in self._blocks))
         # each layer's state lives with its first parameter
         self._anchor = {}
@@ -402,23 +401,27 @@ class KFAC(Optimizer):
         )
 
     def _new_factors(self, batches, step: int, group: dict) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Running averages after this step's factor update (NumericalError if the batch
-        factors are not finite)."""
-        options = {"kfac_approx": self.kfac_approx}
-        if self.fisher_type == "mc":
-            options.update(fisher_type="mc", mc_samples=self.mc_samples)
-        fresh = estimator(
-            "kfac",
-            self.model,
+        """Running averages after this step's factor update."""
+        view = self._view
+        view.sync()  # buffers, modes and replaced parameters of the user's model
+        coupled = view.batch_coupled()
+        if coupled and len(batches) > 1:
+            raise UnsupportedModelError(
+                f"train-mode BatchNorm ({', '.join(coupled[:3])}) normalises each batch with "
+                f"its own statistics, so the factors of {len(batches)} accumulated batches "
+                "are not defined: step on one batch per zero_grad(), or call model.eval()"
+            )
+        fresh = self._batch_factors(
+            view.module,
             self.loss_fn,
+            view.parameters,
             batches,
-            curvature=_BACKEND_CURVATURE[self.fisher_type],
-            params=[self._params[i] for i in self._kfac_idx],
+            fisher_type=self.fisher_type,
+            mc_samples=self.mc_samples,
             seed=self.seed + step,
-            cache=False,
-            distributed=False,
-            **options,
-        ).factors()
+            kfac_approx=self.kfac_approx,
+            batch_seed=self.seed + step,
+        ).factors
         decay = group["factor_decay"]
         out = {}
         for layer, (A, G) in fresh.items():
@@ -507,10 +510,7 @@ class KFAC(Optimizer):
         if self._blocks:
             has_state = "G" in self.state[self._anchor[self._layers[0]]]
             if step % self.factor_update_every == 0 or not has_state:
-                try:
-                    factors = self._new_factors(batches(), step, group)
-                except NumericalError:
-                    return "Kronecker factors"
+                factors = self._new_factors(batches(), step, group)
                 if not _finite(t for f in factors.values() for t in f):
                     return "Kronecker factors"
             else:
