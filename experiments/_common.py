@@ -253,6 +253,18 @@ def _effect_text(e: dict) -> str:
     )
 
 
+def pm(values, fmt: str = ".3g") -> str:
+    """``mean ± SE`` of the finite values (an SE below 1e-12 of the mean shows as 0)."""
+    mean, se, n = stats.mean_se(values)
+    if n == 0:
+        return "—"
+    if n == 1 or not math.isfinite(se):
+        return format(mean, fmt)
+    if se <= 1e-12 * abs(mean):
+        se = 0.0
+    return f"{mean:{fmt}} ± {se:.2g}"
+
+
 def describe(setting: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in setting.items())
 

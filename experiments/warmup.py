@@ -31,7 +31,6 @@ from torch import nn
 from curvlab.optim import adam_with_learned_eps, paper_schedule, warmup_schedule
 
 from . import _common as C
-from . import stats
 from .dampers import DAMPER_CONFIGS, damping_history, make_damper
 from .workloads import describe_workload, image_workload
 
@@ -178,17 +177,14 @@ def run(
                 sub = [
                     r for r in runs if (r["lr"], r["schedule"], r["eps"]) == (lr, schedule, label)
                 ]
-                loss = stats.mean_se([_log_loss(r) for r in sub])
-                acc = stats.mean_se([_acc(r) for r in sub])
-                eps = stats.mean_se([r["final_eps"] for r in sub])
                 rows.append(
                     {
                         "alpha": lr,
                         "schedule": schedule,
                         "eps": label if label == "flat" else "learned: " + label,
-                        "final eps": f"{eps[0]:.3g}",
-                        "log10 train loss": f"{loss[0]:.2f} ± {loss[1]:.2f}",
-                        "val acc": f"{acc[0]:.3f} ± {acc[1]:.3f}",
+                        "final eps": C.pm([r["final_eps"] for r in sub]),
+                        "log10 train loss": C.pm([_log_loss(r) for r in sub], ".2f"),
+                        "val acc": C.pm([_acc(r) for r in sub], ".3f"),
                     }
                 )
     body = (

@@ -103,7 +103,7 @@ def digits_cnn(seed: int, device: torch.device, batch_size: int = 64) -> Workloa
         data,
         lambda: C.seeded(seed, lambda: C.DigitsCNN().to(device)),
         batch_size,
-        DESCRIPTIONS["digits_cnn"].replace("batch 64", f"batch {batch_size}"),
+        describe_workload("fast", batch_size),
     )
 
 
@@ -142,9 +142,13 @@ DESCRIPTIONS = {
 }
 
 
-def describe_workload(scale: str) -> str:
-    """What :func:`image_workload` trains at ``scale``."""
-    return DESCRIPTIONS["vgg16_cifar100" if scale == "paper" else "digits_cnn"]
+def describe_workload(scale: str, batch_size: int | None = None) -> str:
+    """What :func:`image_workload` trains at ``scale`` (with another batch size if given)."""
+    name = "vgg16_cifar100" if scale == "paper" else "digits_cnn"
+    text = DESCRIPTIONS[name]
+    if batch_size is not None:
+        text = text.rsplit("batch ", 1)[0] + f"batch {batch_size}"
+    return text
 
 
 def image_workload(scale: str, seed: int, device: torch.device) -> Workload:
