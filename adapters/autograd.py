@@ -75,6 +75,10 @@ class AutogradEstimator(CurvatureEstimator):
     """
 
     backend = "autograd"
+    alternative = (
+        "check that the model and loss are differentiable functions of the parameters (the "
+        "autograd backend is the reference that handles every such model)"
+    )
     supported_curvatures = frozenset({"hessian", "ggn", "fisher", "ef"})
     base_capabilities = frozenset({"matvec", "group_matvecs", "per_sample_gradients"})
 
@@ -195,7 +199,7 @@ class AutogradEstimator(CurvatureEstimator):
             "jtu": _grad(out, ps, grad_outputs=u, create_graph=True),
         }
         if self.curvature == "ef":
-            entry["res"] = g_out.detach()[None]
+            entry["res"] = g_out.detach().reshape(1, out.shape[0], -1)
             entry["scale"] = self.sample_scale / scale
         elif self.fisher_type == "mc":
             entry["res"] = residuals(out_d) if callable(residuals) else residuals
@@ -283,7 +287,8 @@ class AutogradEstimator(CurvatureEstimator):
                 out, jv = jvp(lambda ps: forward(ps, x, masks), (primals,), (vs,))
                 if self.curvature == "ef":
                     g_out = grad(lambda o: scale * self.loss.summed(o, y))(out)
-                    z = _factor_product(g_out[None], jv, self.sample_scale / scale)
+                    factors = g_out.reshape(1, out.shape[0], -1)
+                    z = _factor_product(factors, jv, self.sample_scale / scale)
                 elif r is not None:
                     z = _factor_product(r, jv, scale)
                 else:

@@ -181,7 +181,7 @@ class BackpackEstimator(CurvatureEstimator):
         with self._backend_errors("building BackPACK's private copies"):
             self._build_copies(self.model, loss_fn)
         self.release()
-        self._reused = self._modules_called_twice()
+        self._reused = self._modules_called_twice() + self._shared_parameters()
         if self.kind == "bce" and self._output_size() != 1:
             raise UnsupportedModelError(
                 "BackPACK supports BCEWithLogitsLoss only with one output per sample, got "
@@ -270,6 +270,16 @@ class BackpackEstimator(CurvatureEstimator):
                 h.remove()
         return sorted(name for name, c in counts.items() if c > 1)
 
+    def _shared_parameters(self) -> list[str]:
+        """Parameters held by more than one module (tied weights): BackPACK's extensions
+        would treat each use as its own parameter."""
+        owners: dict[int, list[str]] = {}
+        for name, m in self._net.named_modules(remove_duplicate=False):
+            for p in m._parameters.values():
+                if p is not None:
+                    owners.setdefault(id(p), []).append(name or type(m).__name__)
+        return sorted(" and ".join(names) for names in owners.values() if len(set(names)) > 1)
+
     def _output_size(self) -> int:
         x, _ = self.batches[0]
         with torch.no_grad(), seeded_rng(self.batch_seed(0), self.device), no_global_hooks():
@@ -304,7 +314,8 @@ class BackpackEstimator(CurvatureEstimator):
         if self._reused:
             return (
                 f"BackPACK's {name} cannot handle modules called more than once in a forward "
-                f"pass ({', '.join(self._reused)}); products work, or {_ALTERNATIVE}"
+                f"pass or weights shared by several modules ({', '.join(self._reused)}); "
+                f"products work, or {_ALTERNATIVE}"
             )
         self._sync()
         table = extension._BackpropExtension__module_extensions
@@ -495,7 +506,7 @@ class BackpackEstimator(CurvatureEstimator):
         x, y = self.batches[i]
         with seeded_rng(self.batch_seed(i), self.device), no_global_hooks():
             out = self._net(x)
-        loss = self._loss(out, y)
+            loss = self._loss(out, y)
         grads = None
         if self.curvature == "hessian":
             grads = torch.autograd.grad(

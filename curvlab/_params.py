@@ -65,7 +65,8 @@ def as_batches(data, device: torch.device) -> list[Batch]:
                 "pass torch.utils.data.DataLoader(dataset, batch_size=...) or one (x, y) batch"
             )
         try:
-            batches = [tuple(b) if isinstance(b, (tuple, list)) else b for b in data]
+            with torch.random.fork_rng(devices=[]):  # a DataLoader draws its base seed
+                batches = [tuple(b) if isinstance(b, (tuple, list)) else b for b in data]
         except TypeError as exc:
             raise InvalidInputError(
                 "data must be one (x, y) batch or an iterable of (x, y) batches"

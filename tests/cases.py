@@ -344,7 +344,7 @@ CASES: list[Case] = [
     Case("class_weights", _class_weights, likelihood=False),
     Case("bce_single", _bce_single),
     Case("bce_multi", _bce_multi, backpack_loss=False),
-    Case("tied_weight", _tied, kfac=False),
+    Case("tied_weight", _tied, kfac=False, backpack_extensions=False),
     Case("module_twice", _twice, backpack_extensions=False),
     Case("params_subset", _params_subset),
     Case("frozen_explicit", _frozen_explicit),

@@ -297,27 +297,13 @@ def test_curvlab_leaves_foreign_statistics_and_user_hooks_untouched(library, bat
     assert set(refused) <= allowed, sorted(set(refused) - allowed)
 
 
-GLOBAL_HOOKS_DEFECT = pytest.mark.xfail(
-    strict=True,
-    reason="kfac: curvlinops runs the view's modules outside no_global_hooks(), so global "
-    "module hooks (register_module_forward_pre_hook) fire on the model's layers",
-)
-
-
 @pytest.mark.parametrize(
     "backend,curvature",
     [
         ("autograd", "hessian"),
-        pytest.param(
-            "backpack", "ggn",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="backpack: its private loss copy runs outside no_global_hooks() "
-                "(BackpackEstimator._graph), so global module hooks fire on it",
-            ),
-        ),
+        ("backpack", "ggn"),
         ("pyhessian", "hessian"),
-        pytest.param("kfac", "ggn", marks=GLOBAL_HOOKS_DEFECT),
+        ("kfac", "ggn"),
     ],
 )
 def test_global_module_hooks_never_fire_on_the_model(backend, curvature):

@@ -150,16 +150,12 @@ def test_1_mode_option_forces_the_mode_without_switching_the_model(backend, curv
     assert rel_err(got, ref) <= TOL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="building an estimator iterates a DataLoader, which draws its base seed from the "
-    "global RNG: construction advances the user's RNG",
-)
 def test_1_dataloader_data_leaves_the_global_rng_as_found():
     x, y = data()
     loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    model = mlp()  # seeds torch itself: build it before reading the state
     state = torch.random.get_rng_state()
-    curvlab.estimator("autograd", mlp(), nn.CrossEntropyLoss(), loader)
+    curvlab.estimator("autograd", model, nn.CrossEntropyLoss(), loader)
     assert torch.equal(state, torch.random.get_rng_state())
 
 
@@ -624,20 +620,13 @@ def test_8_diagonal_is_exact_on_every_backend(backend, curvature):
     assert rel_err(diag, ref) <= TOL
 
 
-TIED_BACKPACK = pytest.mark.xfail(
-    strict=True,
-    reason="backpack: DiagHessian/DiagGGNExact on a weight shared by two layers give a silently "
-    "wrong diagonal (about 0.08 relative error); refuse tied parameters or use identity columns",
-)
-
-
 @pytest.mark.parametrize(
     "backend,curvature",
     [
         ("autograd", "hessian"),
         ("pyhessian", "hessian"),
-        pytest.param("backpack", "hessian", marks=TIED_BACKPACK),
-        pytest.param("backpack", "ggn", marks=TIED_BACKPACK),
+        ("backpack", "hessian"),
+        ("backpack", "ggn"),
     ],
 )
 def test_8_diagonal_with_a_weight_shared_by_two_layers(backend, curvature):

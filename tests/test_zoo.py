@@ -32,34 +32,6 @@ GROUP_COMBOS = [
 ]
 
 
-#: Library defects found by the zoo: (test, predicate on its parameters, reason). Each is a
-#: strict xfail, so the test reports when the library is fixed and the entry must go.
-KNOWN_DEFECTS = [
-    (
-        "*",
-        lambda p: p["case"].name == "ce_sequence" and p["backend"] == "autograd"
-        and p.get("curvature") == "ef",
-        "autograd: the empirical Fisher of CrossEntropyLoss on [N, C, T] logits crashes "
-        "(residuals [1, N, C, T] against J v reshaped to [1, N, C*T])",
-    ),
-    (
-        "*",
-        lambda p: p["case"].name == "tied_weight" and p["backend"] == "backpack"
-        and (p.get("curvature") == "ef" or ("group_size" in p and p["curvature"] != "hessian")),
-        "backpack: extensions (BatchGrad, SqrtGGNExact) on a weight shared by two layers give "
-        "silently wrong numbers (about 0.45 relative error); refuse tied parameters",
-    ),
-]
-
-
-@pytest.fixture(autouse=True)
-def _known_defects(request):
-    params = request.node.callspec.params
-    for test, applies, reason in KNOWN_DEFECTS:
-        if test in ("*", request.node.originalname) and applies(params):
-            request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 class RngWatch:
     """Asserts the global CPU RNG is neither advanced nor reseeded between checks."""
 
