@@ -64,42 +64,49 @@ def batch_size_of(data: Any) -> int:
 def read_batch(data: Any, params: Sequence[torch.Tensor]) -> Batch:
     """One (x, y) pair from one batch or an iterable of batches, checked against the
     parameters (device, floating dtype, matching sample counts)."""
+    batches = _batches(data)
+    for i, (x, y) in enumerate(batches):
+        _check_batch(i, x, y, params[0])
+    if len(batches) == 1:
+        return batches[0]
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def _batches(data: Any) -> list[Batch]:
     if data is None:
         raise InvalidInputError(
             "this step re-estimates the damping: pass the data, damper.step(model, loss_fn, "
             "(x, y))"
         )
     if _is_batch(data):
-        batches = [tuple(data)]
-    else:
-        try:
-            batches = [tuple(b) if isinstance(b, (tuple, list)) else b for b in data]
-        except TypeError as exc:
-            raise InvalidInputError(
-                "data must be one (x, y) batch or an iterable of (x, y) batches"
-            ) from exc
+        return [tuple(data)]
+    try:
+        batches = [tuple(b) if isinstance(b, (tuple, list)) else b for b in data]
+    except TypeError as exc:
+        raise InvalidInputError(
+            "data must be one (x, y) batch or an iterable of (x, y) batches"
+        ) from exc
     if not batches or not all(_is_batch(b) for b in batches):
         raise InvalidInputError("data must be one (x, y) batch or an iterable of (x, y) batches")
-    device, dtype = params[0].device, params[0].dtype
-    for i, (x, y) in enumerate(batches):
-        if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+    return batches
+
+
+def _check_batch(i: int, x: torch.Tensor, y: torch.Tensor, param: torch.Tensor) -> None:
+    if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise InvalidInputError(
+            f"batch {i}: x and y need the same positive number of samples, got shapes "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
+    for name, t in (("x", x), ("y", y)):
+        if t.device != param.device:
             raise InvalidInputError(
-                f"batch {i}: x and y need the same positive number of samples, got shapes "
-                f"{tuple(x.shape)} and {tuple(y.shape)}"
+                f"batch {i}: {name} is on {t.device} but the parameters are on {param.device}"
             )
-        for name, t in (("x", x), ("y", y)):
-            if t.device != device:
-                raise InvalidInputError(
-                    f"batch {i}: {name} is on {t.device} but the parameters are on {device}"
-                )
-        if x.is_floating_point() and x.dtype != dtype:
-            raise InvalidInputError(
-                f"batch {i}: x has dtype {x.dtype} but the parameters {dtype}; pass "
-                f"x.to({dtype})"
-            )
-    if len(batches) == 1:
-        return batches[0]
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    if x.is_floating_point() and x.dtype != param.dtype:
+        raise InvalidInputError(
+            f"batch {i}: x has dtype {x.dtype} but the parameters {param.dtype}; pass "
+            f"x.to({param.dtype})"
+        )
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
@@ -139,18 +146,18 @@ def global_indices(
 
 def local_positions(
     indices: torch.Tensor, counts: Sequence[int], rank: int
-) -> tuple[torch.Tensor | None, str | None]:
-    """(positions in this rank's samples of the global ``indices`` it holds, in order; or
-    the reason some rank holds none of them). Rank r holds the global samples
-    sum(counts[:r]) .. sum(counts[:r + 1]) - 1."""
+) -> tuple[torch.Tensor | None, list[int], str | None]:
+    """(positions in this rank's samples of the global ``indices`` it holds, in order; how
+    many of them each rank holds; the reason some rank holds none, or None). Rank r holds
+    the global samples sum(counts[:r]) .. sum(counts[:r + 1]) - 1."""
     starts = [sum(counts[:r]) for r in range(len(counts))]
     held = [int(((indices >= s) & (indices < s + n)).sum()) for s, n in zip(starts, counts)]
     if min(held) == 0:
-        empty = held.index(0)
-        return None, f"the subsample leaves rank {empty} without samples (per rank: {held})"
+        why = f"the subsample leaves rank {held.index(0)} without samples (per rank: {held})"
+        return None, held, why
     start = starts[rank]
     mine = indices[(indices >= start) & (indices < start + counts[rank])]
-    return mine - start, None
+    return mine - start, held, None
 
 
 def _is_batch(obj: Any) -> bool:

@@ -34,11 +34,9 @@ import torch
 from curvlab import distributed as dist
 from curvlab._random import make_generator
 from curvlab.damping import _data, _state, sync
+from curvlab.damping._legacy import from_legacy
 from curvlab.damping.estimates import (
-    ESTIMATE_RULES,
     RawEstimate,
-    RMTNoise,
-    ShrinkageRule,
     as_estimate_rule,
     as_raw_estimate,
 )
@@ -46,7 +44,7 @@ from curvlab.damping.guard import as_guard, usable
 from curvlab.damping.history import DampingRecord
 from curvlab.damping.resolve import checked_damping
 from curvlab.damping.sinks import as_sink
-from curvlab.damping.updates import Bounded, CurvlabUpdate, as_update_rule
+from curvlab.damping.updates import as_update_rule
 from curvlab.errors import CurvlabWarning, InvalidInputError, NumericalError
 from curvlab.estimator import CURVATURES, CurvatureEstimator
 from curvlab.results import NoiseEstimate
@@ -55,20 +53,6 @@ from curvlab.shrinkage.conversions import damping_to_shrinkage, learning_rate_sc
 #: The default update rule (chosen from the measurements in BENCHMARKS.md, damping section).
 DEFAULT_UPDATE_RULE = "authors"
 _SEED_RANGE = 2**62
-_LEGACY = {  # pre-issue-13 keyword -> what replaces it
-    "ema": "update_rule=CurvlabUpdate(ema=...)",
-    "floor": "update_rule=CurvlabUpdate(floor=...) (or the floor of another update rule)",
-    "min": "update_rule=Bounded(rule, low=...)",
-    "max": "update_rule=Bounded(rule, high=...)",
-    "n_probes": "rule=RMTNoise(n_probes=...) or a shrinkage estimator's n_probes",
-    "group_size": "rule=RMTNoise(group_size=...)",
-    "method": "rule=RMTNoise(method=...)",
-    "population": "rule=RMTNoise(population=...)",
-    "target": "rule=RMTNoise(target=...)",
-    "fresh_subsample": "subsample=Subsample(size, fresh=True)",
-    "backend": "estimator='backend name'",
-    "backend_options": "estimator=functools.partial(curvlab.estimator, backend, **options)",
-}
 
 
 class LinearShrinkageDamper:
@@ -86,10 +70,12 @@ class LinearShrinkageDamper:
         figures call it the initial floor value; here the floor is the update rule's own
         setting, see :mod:`curvlab.damping.updates`).
     update_rule : str or callable, default "authors"
-        How an estimate moves the damping: "authors" (the released code's rule, additive
-        floor, first estimate at full weight), "paper" (the paper's moving average) or
-        "curvlab" (the pre-issue-13 rule), or a rule object (:mod:`curvlab.damping.updates`).
-        The default is chosen from the measurements in BENCHMARKS.md.
+        How an estimate moves the damping: "authors" (the released code's rule: the first
+        estimate at full weight, then a moving average 0.7 of floor + estimate, the additive
+        floor delta* unless set), "paper" (the paper's moving average from delta*, no floor)
+        or "curvlab" (the pre-issue-13 rule, max(floor, estimate)), or a rule object such as
+        ``AuthorsUpdate(floor=1e-6)`` (:mod:`curvlab.damping.updates`). The default is
+        chosen from the measurements in BENCHMARKS.md (damping section).
     guard : bool or OutlierGuard, default True
         Outlier safety (:class:`~curvlab.damping.OutlierGuard`); False keeps only the
         refusal of non-finite or negative estimates and of non-finite data/loss.
@@ -183,7 +169,7 @@ class LinearShrinkageDamper:
         **legacy: Any,
     ):
         self.init = checked_init(init)
-        rule, update_rule, subsample, estimator = _from_legacy(
+        rule, update_rule, subsample, estimator = from_legacy(
             legacy, rule, update_rule, subsample, estimator
         )
         self.rule = as_estimate_rule(rule)
@@ -204,7 +190,7 @@ class LinearShrinkageDamper:
         self.curvature = curvature
         self._factory, self._est = _estimator_source(estimator)
         self.seed = int(seed)
-        if not (isinstance(timeout, (int, float)) and 0 < timeout < math.inf):
+        if isinstance(timeout, bool) or not (isinstance(timeout, Real) and 0 < timeout < math.inf):
             raise InvalidInputError(f"timeout must be a positive number of seconds, got {timeout}")
         self._collective = sync.Collective(float(timeout))
         self._gen = make_generator(self.seed)
@@ -384,10 +370,9 @@ class LinearShrinkageDamper:
         )
         model, loss_fn, x, y = batch
         if indices is not None:
-            local, why = _data.local_positions(indices, counts, dist.rank())
+            local, counts, why = _data.local_positions(indices, counts, dist.rank())
             if why is not None:
                 return self._skip(step, "too_small", why, mean_loss)
-            counts = _selected_counts(indices, counts)
             local = local.to(x.device)
             x, y = x[local], y[local]
         too_small = getattr(self.rule, "skip_reason", lambda c: None)(counts)
@@ -464,7 +449,7 @@ class LinearShrinkageDamper:
         inferred = sum(r.n_largest for r in reports)
         if self.batch_size is None:
             return inferred
-        passed = sum(r.n_samples for r in reports)
+        passed = inferred  # the largest batches since the last update, over all ranks
         if self.subsample is None and passed != self.batch_size:
             self._warn_once(
                 "batch_size",
@@ -674,11 +659,6 @@ def _float(value: Any) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _selected_counts(indices: torch.Tensor, counts: list[int]) -> list[int]:
-    starts = [sum(counts[:r]) for r in range(len(counts))]
-    return [int(((indices >= s) & (indices < s + n)).sum()) for s, n in zip(starts, counts)]
-
-
 def _unwrapped(model):
     from curvlab.model_view import unwrap
 
@@ -710,57 +690,6 @@ def _count(name: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
     return value
-
-
-def _from_legacy(legacy: dict, rule, update_rule, subsample, estimator):
-    """Map the pre-issue-13 keywords onto the objects that replace them (deprecated)."""
-    unknown = sorted(set(legacy) - set(_LEGACY))
-    if unknown:
-        raise TypeError(f"LinearShrinkageDamper got unexpected keyword arguments {unknown}")
-    if not legacy:
-        return rule, update_rule, subsample, estimator
-    warnings.warn(
-        "LinearShrinkageDamper: "
-        + "; ".join(f"{k}= is deprecated, use {_LEGACY[k]}" for k in sorted(legacy)),
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    rule_keys = {k: legacy[k] for k in ("n_probes", "group_size", "method", "population",
-                                         "target") if k in legacy}
-    if rule_keys:
-        if rule == "rmt":
-            rule = RMTNoise(**rule_keys)
-        elif rule in ("ledoit_wolf", "oas") and set(rule_keys) == {"n_probes"}:
-            rule = _with_probes(ESTIMATE_RULES[rule](), rule_keys["n_probes"])
-        else:
-            raise InvalidInputError(f"{sorted(rule_keys)} do not apply to rule={rule!r}")
-    smoothing = {k: legacy[k] for k in ("ema", "floor", "min", "max") if k in legacy}
-    if smoothing:
-        if update_rule != DEFAULT_UPDATE_RULE:
-            raise InvalidInputError("pass either update_rule= or the old ema/floor/min/max")
-        update_rule = CurvlabUpdate(ema=smoothing.get("ema", 0.7), floor=smoothing.get("floor"))
-        if "min" in smoothing or "max" in smoothing:
-            update_rule = Bounded(update_rule, low=smoothing.get("min"), high=smoothing.get("max"))
-    if legacy.get("fresh_subsample"):
-        if subsample is None:
-            raise InvalidInputError("fresh_subsample needs subsample")
-        subsample = _data.Subsample(int(subsample), fresh=True)
-    if "backend" in legacy or "backend_options" in legacy:
-        backend = legacy.get("backend", "autograd")
-        options = dict(legacy.get("backend_options") or {})
-        from curvlab.registry import estimator as build
-
-        def estimator(model, loss_fn, data, curvature):
-            return build(backend, model, loss_fn, data, curvature=curvature, **options)
-
-    return rule, update_rule, subsample, estimator
-
-
-def _with_probes(rule: ShrinkageRule, n_probes: int) -> ShrinkageRule:
-    """The shrinkage rule with its estimator's ``n_probes`` replaced."""
-    inner = rule.estimator
-    inner.n_probes = n_probes
-    return ShrinkageRule(inner)
 
 
 __all__ = ["DEFAULT_UPDATE_RULE", "LinearShrinkageDamper"]
