@@ -473,3 +473,28 @@ def test_bad_estimates_raise():
         damper.update(0, "large")
     with pytest.raises(InvalidInputError, match="bool"):
         damper.update(0, True)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "curvlab.damping.damper",
+        "curvlab.damping.estimates",
+        "curvlab.damping.updates",
+        "curvlab.damping.guard",
+        "curvlab.damping.sinks",
+        "curvlab.damping.history",
+        "curvlab.damping.resolve",
+        "curvlab.damping._data",
+        "curvlab.optim.adam",
+        "curvlab.adapters.kfac_pytorch",
+    ],
+)
+def test_docstring_examples_run(module, tmp_path, monkeypatch):
+    import doctest
+    import importlib
+
+    monkeypatch.chdir(tmp_path)
+    with torch.random.fork_rng():
+        result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
