@@ -239,7 +239,8 @@ def probe_stats(op, n_probes: int, seed: Seed, *, probe_batch: int = 1) -> Trace
     gen = make_generator(seed, op.device)
     V = unit_sphere((p, n_probes), generator=gen, dtype=op.dtype, device=op.device).T
     before = op.n_matvecs
-    parts = [_probe_moments(op, _products(op, chunk), chunk) for chunk in V.split(probe_batch)]
+    parts = [_probe_moments(op, group_products(op, chunk), chunk)
+             for chunk in V.split(probe_batch)]
     n = parts[0][0]
     a, b, c, resid = (torch.cat([part[i] for part in parts]) for i in range(1, 5))
     return TraceStats(
@@ -249,11 +250,11 @@ def probe_stats(op, n_probes: int, seed: Seed, *, probe_batch: int = 1) -> Trace
     )
 
 
-def _products(op, V: torch.Tensor) -> torch.Tensor:
-    """[k, n, p]: the per-sample products of each probe row of V (vmapped when k > 1)."""
+def group_products(op, V: torch.Tensor, group_size: int = 1) -> torch.Tensor:
+    """[k, G, p]: the group products of each row of V (vmapped over rows when k > 1)."""
     if V.shape[0] > 1:
         try:
-            U = torch.func.vmap(lambda v: op.group_matvecs(v, 1))(V)
+            U = torch.func.vmap(lambda v: op.group_matvecs(v, group_size))(V)
         except CurvlabError:
             raise
         except Exception:  # a backend that cannot run under vmap: loop instead
@@ -261,7 +262,28 @@ def _products(op, V: torch.Tensor) -> torch.Tensor:
         else:
             op.n_matvecs += (V.shape[0] - 1) * U.shape[1]  # counted once under vmap
             return U
-    return torch.stack([op.group_matvecs(v, 1) for v in V])
+    return torch.stack([op.group_matvecs(v, group_size) for v in V])
+
+
+#: numbers the dense per-group matrices of :func:`group_means` may hold (256 MiB of float64)
+GROUP_MEANS_NUMBERS = 2**25
+
+
+def group_means(op, block: int = 64) -> torch.Tensor:
+    """[m, p, p]: dense mean matrices of m groups of consecutive samples, from
+    ``group_matvecs`` on identity columns (p calls, as ``to_dense``): the per-sample
+    matrices themselves (m = n) when n p^2 numbers fit in ``GROUP_MEANS_NUMBERS``, else
+    the largest m that does (a remainder of samples is dropped)."""
+    p, n = int(op.num_params), int(op.num_samples)
+    groups = max(1, min(n, GROUP_MEANS_NUMBERS // (p * p)))
+    size = n // groups
+    out = torch.empty(groups, p, p, dtype=op.dtype, device=op.device)
+    for start in range(0, p, block):
+        eye = torch.zeros(min(block, p - start), p, dtype=op.dtype, device=op.device)
+        eye[:, start : start + eye.shape[0]].fill_diagonal_(1.0)
+        cols = group_products(op, eye, size)[:, :groups].permute(1, 2, 0)
+        out[:, :, start : start + eye.shape[0]] = cols
+    return out
 
 
 def _probe_moments(op, U: torch.Tensor, V: torch.Tensor):

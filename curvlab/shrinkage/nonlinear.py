@@ -19,10 +19,16 @@ and weights), sigma^2 is the noise estimate from shared probes (the bulk fit whe
 operator has no per-sample products), and the complement of the k eigenvectors gets one
 value, the bulk's cleaned mean (Tr M - sum_i xi_i) / (P - k), Tr M by quadrature.
 
-Both assume full-rank, rotation-invariant additive noise. A small batch's curvature of rank
-below P (B samples x outputs < P, e.g. softmax regression with B = 32) violates it: its
-cluster of zero eigenvalues makes Re g large just above 0, and the RIE pushes small positive
-eigenvalues far negative (``compare`` on digits shows errors above the raw estimate there).
+Both assume full-rank, rotation-invariant additive noise. Real curvature often violates
+it: a batch's curvature of rank below P, directions no sample moves (a cluster of zero
+eigenvalues, where Re g is large and the RIE pushes small eigenvalues far negative), heavy-
+tailed per-sample matrices whose dispersion disagrees with the spectrum's bulk. On a digits
+MLP's Hessian the plain RIE is 30-70x worse than the raw batch Hessian at every batch size.
+``RotationInvariant`` therefore checks the model first (``check_model=True``, see
+``_heldout``) and, when it fails, warns and keeps the candidate with the best K-fold
+held-out score among the raw estimate, the RIE, Ledoit–Wolf and the RMT rule (per-sample
+matrices, or fold means of an estimator's samples), or, without per-sample information,
+falls back to linear shrinkage toward (tr M / P) I with rho = sigma^2 / (||M - mu I||^2 / P).
 
 Fitted attributes: ``eigenvalues_`` (cleaned, for the columns of ``eigenvectors_``, in
 descending raw order), ``raw_eigenvalues_``, ``eigenvectors_``, ``bulk_value_`` (value on
@@ -33,15 +39,17 @@ also ``covariance_`` and ``precision_``. ``matvec`` and ``solve`` apply the clea
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 
 from curvlab._random import Seed
-from curvlab.errors import InvalidInputError, NumericalError
+from curvlab.errors import CurvlabWarning, InvalidInputError, NumericalError
 from curvlab.results import Eigenpairs
-from curvlab.shrinkage._represent import Eigen
-from curvlab.shrinkage._traces import matrix_stats, probe_stats
+from curvlab.shrinkage import _heldout
+from curvlab.shrinkage._represent import Eigen, ShiftedOperator
+from curvlab.shrinkage._traces import group_means, matrix_stats, probe_stats
 from curvlab.shrinkage._validation import as_samples
 from curvlab.shrinkage.base import BaseShrinkage, is_operator, is_sample_operator
 
@@ -77,6 +85,14 @@ class _SpectralCleaning(BaseShrinkage):
         """Cleaned values for ``values`` (all of them, or the top k with a quadrature)."""
         raise NotImplementedError
 
+    def _review(self, values, cleaned, units):
+        """The final values of a dense fit (RotationInvariant checks its model here)."""
+        return cleaned
+
+    def _review_operator(self, op, values, cleaned, nodes, weights) -> bool:
+        """Whether the matrix-free fit stands (RotationInvariant may replace it)."""
+        return True
+
     def fit(self, X: Any, y: Any = None) -> _SpectralCleaning:
         """Fit from a symmetric matrix, per-sample matrices, eigenpairs or an operator.
 
@@ -103,7 +119,7 @@ class _SpectralCleaning(BaseShrinkage):
                     "the operator itself with k set"
                 )
             self._set_space(values.numel(), values.dtype, values.device, numpy_out)
-            self._fit_dense(values, vectors, noise)
+            self._fit_dense(values, vectors, noise, units=None)
             return self
         if is_operator(X):
             self._set_space(int(X.num_params), X.dtype, X.device, False)
@@ -111,18 +127,23 @@ class _SpectralCleaning(BaseShrinkage):
                 dense = getattr(X, "to_dense", None)
                 if dense is None:
                     raise InvalidInputError("set k (top-k eigenpairs) to fit an operator")
-                if noise is None and self.uses_noise and is_sample_operator(X):
-                    noise = noise_of_mean(probe_stats(X, self.n_probes, self.seed))
+                units = None
+                if is_sample_operator(X):
+                    if noise is None and self.uses_noise:
+                        noise = noise_of_mean(probe_stats(X, self.n_probes, self.seed))
+                    units = lambda: group_means(X)  # noqa: E731 - formed only when needed
                 values, vectors = torch.linalg.eigh(dense())
-                self._fit_dense(values, vectors, noise, keep_dense=False)
+                self._fit_dense(values, vectors, noise, keep_dense=False, units=units)
             else:
                 self._fit_operator(X, noise)
             return self
         T, numpy_out = as_samples(X, estimator=self, allow_nd=True)
+        units = None
         if T.ndim == 3 and T.shape[1] == T.shape[2]:
             stats, M = matrix_stats(T)
             M = M.to(T.dtype)
             noise = noise_of_mean(stats) if noise is None else noise
+            units = T
         elif T.ndim == 2 and T.shape[0] == T.shape[1]:
             M = T
             scale = float(M.abs().max())
@@ -135,14 +156,14 @@ class _SpectralCleaning(BaseShrinkage):
             )
         self._set_space(T.shape[-1], T.dtype, T.device, numpy_out)
         values, vectors = torch.linalg.eigh((M + M.T) / 2)
-        self._fit_dense(values, vectors, noise)
+        self._fit_dense(values, vectors, noise, units=units)
         return self
 
-    def _fit_dense(self, values, vectors, noise, keep_dense: bool = True) -> None:
+    def _fit_dense(self, values, vectors, noise, keep_dense: bool = True, units=None) -> None:
         order = torch.argsort(values, descending=True)
         values, vectors = values[order], vectors[:, order]
         p = values.numel()
-        cleaned = self._clean(values, p, noise, None, None)
+        cleaned = self._review(values, self._clean(values, p, noise, None, None), units)
         self._store(values, cleaned, vectors, None)
         if keep_dense:
             self.covariance_ = self._out(self._rep.dense())
@@ -169,6 +190,7 @@ class _SpectralCleaning(BaseShrinkage):
         bulk = (trace - float(cleaned.sum())) / (p - values.numel())
         self._store(values, cleaned, vectors, bulk)
         self.n_matvecs_ = pairs.n_matvecs + density.n_matvecs
+        self._review_operator(op, values, cleaned, nodes, weights)
 
     def _store(self, raw, cleaned, vectors, bulk) -> None:
         self.raw_eigenvalues_ = self._out(raw)
@@ -181,9 +203,10 @@ class _SpectralCleaning(BaseShrinkage):
         """The cleaned matrix's inverse times v (every cleaned value must be nonzero)."""
         self._check_fitted()
         rep = self._rep
-        values = rep.w if rep.bulk is None else torch.cat([rep.w, rep.w.new_tensor([rep.bulk])])
-        if not bool((values != 0).all() & torch.isfinite(values).all()):
-            raise NumericalError("a cleaned eigenvalue is zero or not finite; add damping")
+        if isinstance(rep, Eigen):
+            values = rep.w if rep.bulk is None else torch.cat([rep.w, rep.w.new_tensor([rep.bulk])])
+            if not bool((values != 0).all() & torch.isfinite(values).all()):
+                raise NumericalError("a cleaned eigenvalue is zero or not finite; add damping")
         return super().solve(v, **options)
 
 
@@ -238,16 +261,46 @@ class RotationInvariant(_SpectralCleaning):
 
     Parameters
     ----------
-    noise_variance : sigma^2 = P^-1 Tr X^2; None estimates it (per-sample dispersion for
-        per-sample inputs, shared probes for estimators, else the semicircle bulk fit).
-    eta : imaginary offset; None gives sqrt(sigma^2 / P).
-    k, n_probes, n_steps, which, seed : matrix-free form (top-k Lanczos + SLQ), see module.
-    Extra fitted attribute: ``eta_``.
+    noise_variance : float or None, default None
+        sigma^2 = P^-1 Tr X^2; None estimates it (per-sample dispersion for per-sample
+        inputs, shared probes for estimators, else the semicircle bulk fit).
+    eta : float or None, default None
+        Imaginary offset; None gives sqrt(sigma^2 / P).
+    k, n_probes, n_steps, which, seed
+        Matrix-free form (top-k Lanczos + SLQ), see module.
+    check_model : bool, default True
+        Check the additive-noise model (module docstring) and, when it fails, warn with a
+        :class:`~curvlab.errors.CurvlabWarning` and keep the candidate with the best
+        held-out score, or fall back to linear shrinkage.
+    cv_folds : int, default 4
+        Folds of the held-out choice.
+
+    Attributes
+    ----------
+    eigenvalues_, raw_eigenvalues_, eigenvectors_, bulk_value_, noise_variance_, eta_
+        See the module docstring.
+    model_check_ : dict
+        ``curvlab.shrinkage._heldout.diagnose``'s report (absent when not checked).
+    choice_ : str
+        "rotation_invariant", or the replacement: "raw", "ledoit_wolf", "rmt" (held-out
+        choice) or "linear" (fallback without per-sample information).
+    heldout_gains_ : dict
+        name -> (mean held-out gain over the raw estimate, its standard error), when a
+        held-out choice was made.
+
+    Examples
+    --------
+    >>> from curvlab.shrinkage import SpikedModel
+    >>> model = SpikedModel(200, spikes=(10.0,), noise=2.0)  # spike 10 + noise of variance 1
+    >>> fit = RotationInvariant().fit(model.sample(4, seed=1))
+    >>> fit.choice_, round(float(fit.raw_eigenvalues_[0]), 1), round(float(fit.eigenvalues_[0]), 1)
+    ('rotation_invariant', 10.0, 9.8)
     """
 
     def __init__(self, *, noise_variance: float | None = None, eta: float | None = None,
                  k: int | None = None, n_probes: int = 30, n_steps: int = 80,
-                 which: str = "largest", seed: Seed = 0):
+                 which: str = "largest", seed: Seed = 0, check_model: bool = True,
+                 cv_folds: int = 4):
         self.noise_variance = noise_variance
         self.eta = eta
         self.k = k
@@ -255,6 +308,14 @@ class RotationInvariant(_SpectralCleaning):
         self.n_steps = n_steps
         self.which = which
         self.seed = seed
+        self.check_model = check_model
+        self.cv_folds = cv_folds
+
+    def _folds(self) -> int:
+        if isinstance(self.cv_folds, bool) or not isinstance(self.cv_folds, int) or (
+                self.cv_folds < 2):
+            raise InvalidInputError(f"cv_folds must be an int >= 2, got {self.cv_folds!r}")
+        return self.cv_folds
 
     def _clean(self, values, p, noise, nodes, weights):
         from curvlab.rmt import fit_bulk_edge, stieltjes
@@ -275,4 +336,62 @@ class RotationInvariant(_SpectralCleaning):
             g = stieltjes(z, nodes=nodes, weights=weights)
         self.noise_variance_ = noise
         self.eta_ = eta
+        self.choice_ = "rotation_invariant"
         return values.to(torch.float64) - 2 * noise * g.real
+
+    def _warn(self, how: str) -> None:
+        reasons = "; ".join(self.model_check_["reasons"])
+        warnings.warn(
+            f"RotationInvariant: the additive-noise model does not hold here ({reasons}); "
+            f"{how}. Pass check_model=False to keep the RIE anyway.",
+            CurvlabWarning,
+            stacklevel=4,
+        )
+
+    def _review(self, values, cleaned, units):
+        if not self.check_model:
+            return cleaned
+        p = values.numel()
+        self.model_check_ = _heldout.diagnose(values, self.noise_variance_, p, dtype=self._dtype)
+        if self.model_check_["holds"]:
+            return cleaned
+        values = values.to(torch.float64)
+        folds = self._folds()
+        if units is not None and callable(units):
+            units = units()
+        if units is not None and units.shape[0] >= max(folds, 3):
+            choice, self.heldout_gains_ = _heldout.choose(units, folds)
+            self._warn(f"kept {choice!r}, the best {folds}-fold held-out score")
+            self.choice_ = choice
+            if choice == "rotation_invariant":
+                return cleaned
+            if choice == "raw":
+                return values
+            rho, tau = _heldout.linear_candidates()[choice](units)
+        else:
+            mu = float(values.mean())
+            spread = float(((values - mu) ** 2).mean())
+            rho = 1.0 if spread <= 0 else min(self.noise_variance_ / spread, 1.0)
+            tau = mu
+            self.choice_ = "linear"
+            self._warn(f"fell back to linear shrinkage toward (tr M / P) I, rho = {rho:.3g}")
+        return (1 - rho) * values + rho * tau
+
+    def _review_operator(self, op, values, cleaned, nodes, weights) -> bool:
+        if not self.check_model:
+            return True
+        p = int(op.num_params)
+        self.model_check_ = _heldout.diagnose(values, self.noise_variance_, p, nodes=nodes,
+                                              weights=weights, dtype=self._dtype)
+        if self.model_check_["holds"]:
+            return True
+        mu = float((weights * nodes).sum(dim=1).mean())
+        spread = float((weights * nodes**2).sum(dim=1).mean()) - mu**2
+        rho = 1.0 if spread <= 0 else min(self.noise_variance_ / spread, 1.0)
+        self.choice_ = "linear"
+        self._warn(f"fell back to linear shrinkage toward (tr M / P) I, rho = {rho:.3g}")
+        linear = (1 - rho) * values.to(torch.float64) + rho * mu
+        self.eigenvalues_ = self._out(linear)
+        self.bulk_value_ = None
+        self._rep = ShiftedOperator(op, rho, mu)
+        return False
