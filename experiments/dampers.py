@@ -1,19 +1,21 @@
 """The learned-damping configurations the experiments compare, in one place.
 
 ``autodamping`` (KFAC), ``warmup`` (Adam) and the tour build their learned dampings from
-:data:`DAMPER_CONFIGS`: every configuration is one update rule of the damper, run from the
-same initial damping delta* with the same estimation settings, so the experiments compare
-the rules side by side.
+:data:`DAMPER_CONFIGS`: every configuration is one update rule of
+:class:`curvlab.LinearShrinkageDamper`, run from the same initial damping delta* with the
+same estimate (the paper's Hessian noise variance of a batch, ``RMTNoise``) and the damper's
+default outlier guard, so the experiments compare the rules side by side. With s2 the raw
+estimate (issue 13, ``curvlab.damping.updates``):
 
-Today curvlab has one rule, ``LinearShrinkageDamper(rule="rmt")``: delta <- ema delta +
-(1 - ema) max(floor, sigma^2) with sigma^2 the Hessian noise variance of a batch (eq. 15).
-The damper's update rules are being rebuilt (issue 13: the paper's description, the
-authors' released rule delta <- 0.7 delta + 0.3 (delta* + sigma^2) with learning-rate
-compensation, outlier rejection, rules as objects). When they land, add one
-:class:`DamperConfig` per rule to :data:`DAMPER_CONFIGS`, with the keyword arguments that
-select it in ``options`` (a dict, or a function of delta* for rule objects that hold the
-floor, e.g. ``lambda init: {"update_rule": CurvlabUpdate(ema=0.7, floor=init)}`` with
-``floor=None``); nothing else in the experiments changes.
+- ``"authors"`` (curvlab's default): delta <- delta* + s2 at the first update, then
+  0.7 delta + 0.3 (delta* + s2), the authors' released code;
+- ``"paper"``: delta <- 0.7 delta + 0.3 s2 from delta*, the paper's description (section 7.1);
+- ``"curvlab"``: delta <- 0.7 delta + 0.3 max(delta*, s2), curvlab's rule before issue 13.
+
+A new rule is one more :class:`DamperConfig` here, with the keyword arguments that select it
+in ``options`` (a dict, or a function of delta* for rule objects built per run, e.g.
+``lambda init: {"update_rule": CurvlabUpdate(ema=0.9, floor=init / 10)}``); every
+comparison, table and figure picks it up. The tour shows the first one only.
 
 Examples
 --------
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import curvlab
+from curvlab.damping import RMTNoise
 
 
 @dataclass(frozen=True)
@@ -41,22 +44,18 @@ class DamperConfig:
     label : str
     options : dict or callable
         Keyword arguments besides the common ones of :func:`make_damper` (they override
-        those), or a function of delta* returning them (for rule objects built per run,
-        e.g. ``lambda init: {"update_rule": SomeRule(floor=init)}``).
-    floor : "init", float or None, default "init"
-        "init": ``floor=delta*`` (the paper: "the damping is given an initial floor value
-        of delta*"); a number: that floor; None: no ``floor`` keyword (a rule object in
-        ``options`` sets its own).
+        those), or a function of delta* returning them.
     """
 
     label: str
     options: dict[str, Any] | Callable[[float], dict[str, Any]] = field(default_factory=dict)
-    floor: str | float | None = "init"
 
 
-#: The rules compared by the experiments; issue 13's rules are added here (module docstring).
+#: The rules compared by the experiments (module docstring); the first is curvlab's default.
 DAMPER_CONFIGS: tuple[DamperConfig, ...] = (
-    DamperConfig("curvlab rmt (EMA 0.7, floor delta*)", {"rule": "rmt", "ema": 0.7}),
+    DamperConfig("authors: 0.7 d + 0.3 (d* + s2)", {"update_rule": "authors"}),
+    DamperConfig("paper: 0.7 d + 0.3 s2", {"update_rule": "paper"}),
+    DamperConfig("curvlab-0.1: 0.7 d + 0.3 max(d*, s2)", {"update_rule": "curvlab"}),
 )
 
 
@@ -67,6 +66,8 @@ def make_damper(
     batch_size: int,
     update_every: int,
     seed: int,
+    n_probes: int = 2,
+    population: float | None = None,
     **common: Any,
 ) -> curvlab.LinearShrinkageDamper:
     """The damper of ``config`` starting at ``init`` (delta*).
@@ -82,30 +83,33 @@ def make_damper(
         Steps between re-estimates.
     seed : int
         Seeds the damper's probes and subsamples.
+    n_probes : int, default 2
+        Probe rounds of each noise estimate (``RMTNoise``).
+    population : float or None, default None
+        N of the finite-population factor 1/B - 1/N (``RMTNoise``).
     **common
-        Further keyword arguments shared by every configuration (``subsample``,
-        ``n_probes``, ``population``, ...).
+        Further keyword arguments of the damper shared by every configuration
+        (``subsample``, ...).
 
     Returns
     -------
     curvlab.LinearShrinkageDamper
     """
     kwargs = {
+        "rule": RMTNoise(n_probes=n_probes, population=population),
         "init": init,
         "batch_size": batch_size,
         "update_every": update_every,
         "seed": seed,
         **common,
     }
-    if config.floor is not None:
-        kwargs["floor"] = init if config.floor == "init" else float(config.floor)
     kwargs.update(config.options(init) if callable(config.options) else config.options)
     return curvlab.LinearShrinkageDamper(**kwargs)
 
 
 def damping_history(damper) -> list[dict]:
-    """The damper's trajectory: step, raw estimate, its standard error, the smoothed damping
-    and whether the estimate was accepted, one dict per re-estimate."""
+    """The damper's trajectory: step, raw estimate, its standard error, the damping after the
+    update and the guard's decision, one dict per update."""
     return [
         {
             "step": h.step,
@@ -113,6 +117,7 @@ def damping_history(damper) -> list[dict]:
             "stderr": h.stderr,
             "damping": h.damping,
             "accepted": h.accepted,
+            "decision": getattr(h, "decision", "accept" if h.accepted else "reject"),
         }
         for h in damper.history
     ]

@@ -381,13 +381,23 @@ def test_vgg16_has_the_papers_shape():
 
 
 def test_damper_configurations_start_at_delta_star():
+    from curvlab.damping import AuthorsUpdate, CurvlabUpdate, PaperUpdate
+
     labels = [c.label for c in dampers.DAMPER_CONFIGS]
-    assert len(labels) == len(set(labels)) >= 1
+    assert len(labels) == len(set(labels)) == 3
+    rules = []
     for config in dampers.DAMPER_CONFIGS:
-        damper = dampers.make_damper(config, 3e-4, batch_size=16, update_every=5, seed=0)
-        assert damper.damping == 3e-4 and damper.floor == 3e-4
-        assert damper.batch_size == 16 and damper.update_every == 5
-    fixed = dampers.DamperConfig("floor 0", {"rule": "rmt"}, floor=0.0)
-    assert dampers.make_damper(fixed, 1e-3, batch_size=8, update_every=1, seed=0).floor == 0.0
-    per_run = dampers.DamperConfig("floor 2 delta*", lambda init: {"floor": 2 * init}, None)
-    assert dampers.make_damper(per_run, 1e-3, batch_size=8, update_every=1, seed=0).floor == 2e-3
+        damper = dampers.make_damper(
+            config, 3e-4, batch_size=16, update_every=5, seed=0, n_probes=3, population=500
+        )
+        assert damper.damping == 3e-4 and damper.batch_size == 16 and damper.update_every == 5
+        assert damper.rule.n_probes == 3 and damper.rule.population == 500
+        rules.append(type(damper.update_rule))
+        if damper.floor is not None:  # the rules with a floor take delta*
+            assert damper.floor == 3e-4
+    assert rules == [AuthorsUpdate, PaperUpdate, CurvlabUpdate]
+    per_run = dampers.DamperConfig(
+        "floor delta*/10", lambda init: {"update_rule": CurvlabUpdate(floor=init / 10)}
+    )
+    damper = dampers.make_damper(per_run, 1e-3, batch_size=8, update_every=1, seed=0)
+    assert damper.floor == pytest.approx(1e-4)

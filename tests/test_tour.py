@@ -32,7 +32,7 @@ def test_learned_eps_starts_below_the_noise_and_climbs_to_it(fast_tour):
     runs = ad["runs"]
     flat = {label: r for label, r in runs.items() if not r["learned"]}
     learned = {label: r for label, r in runs.items() if r["learned"]}
-    assert len(learned) == len(dampers.DAMPER_CONFIGS)
+    assert len(learned) == 1 and dampers.DAMPER_CONFIGS[0].label in next(iter(learned))
     assert sorted(r["final_eps"] for r in flat.values()) == [1e-8, noise]
     for r in learned.values():
         d = r["damping_history"]
