@@ -172,9 +172,9 @@ def _estimate(op, n_matvecs, method, seed, square, progress, callback) -> Estima
         gen = make_generator(seed, op.device)
         Q, exact_part = None, 0.0
         if s:
-            sketch = torch.cat([_draw(gaussian, P, c, gen, op) for c in _widths(s)], dim=1)
-            Q, _ = torch.linalg.qr(product(sketch))
-            del sketch
+            sketched = [product(_draw(gaussian, P, c, gen, op)) for c in _widths(s)]
+            Q, _ = torch.linalg.qr(torch.cat(sketched, dim=1))
+            del sketched
             for start in range(0, s, PRODUCT_BLOCK):
                 Qc = Q[:, start : start + PRODUCT_BLOCK]
                 AQc = product(Qc)
