@@ -122,11 +122,19 @@ class Operator(abc.ABC):
         return (self.num_params, self.num_params)
 
     # ------------------------------------------------------------------ algebra
+    #: numpy defers binary operators to this class (so ``array @ op`` is a TypeError)
+    __array_ufunc__ = None
+
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, Operator):
             return ProductOperator(self, other)
         if isinstance(other, torch.Tensor):
             return self.matvec(other)
+        if isinstance(other, np.ndarray):
+            raise InvalidInputError(
+                "operators act on torch tensors: use torch.as_tensor(v), or op.to_scipy() "
+                "for numpy vectors"
+            )
         return NotImplemented
 
     def __add__(self, other: Any) -> Operator:
