@@ -100,6 +100,8 @@ def test_fast_scales_use_at_least_three_seeds_and_the_registry_is_the_clis():
         module = importlib.import_module(f"curvlab.experiments.{name}")
         assert set(module.SETTINGS) == set(registry.SCALES)
         assert all(s["seeds"] >= stats.MIN_SEEDS for s in module.SETTINGS.values()), name
+        # the paper scale (run on a GPU, never in CI) has exactly the keys the tested ones have
+        assert set(module.SETTINGS["paper"]) == set(module.SETTINGS["fast"]), name
         assert module.NAME == name and module.CLAIM and module.PAPER_SETTING
 
 
