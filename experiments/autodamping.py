@@ -308,15 +308,15 @@ def _figure(rec: C.Recorder, runs: list[dict], seed: int, s: dict) -> None:
     for r in mine:
         color = f"C{s['multipliers'].index(r['init'] / s['lr'])}"
         style = ["--", "-", "-.", ":"][labels.index(r["damping"]) % 4]
-        label = f"{r['damping'][:22]} d*={r['init']:g}"
+        label = f"{r['damping'].split(':')[0]} d*={r['init']:g}"
         h = r["history"]
         axes[0, 0].plot(h["step"], h["train_loss"], style, color=color, label=label)
         axes[0, 1].plot(h["step"], h["val_acc"], style, color=color, label=label)
         if r["damping_history"]:
             d = r["damping_history"]
-            axes[0, 2].plot(
-                [p["step"] for p in d],
-                [p["damping"] for p in d],
+            axes[0, 2].plot(  # from delta* through every update
+                [0, *(p["step"] for p in d)],
+                [r["init"], *(p["damping"] for p in d)],
                 style + "o",
                 ms=3,
                 color=color,

@@ -57,7 +57,7 @@ SCHEDULES = {"eq12": paper_schedule, "eq16": warmup_schedule}
 SETTINGS = {
     "smoke": {
         "seeds": 3,
-        "lrs": (0.01, 0.1),
+        "lrs": (0.1,),
         "steps": 30,
         "update_every": 10,
         "subsample": 64,
@@ -263,24 +263,30 @@ def _checks(per_seed: list[list[dict]], s: dict) -> tuple[list[C.Check], dict]:
 
 
 def _figure(rec: C.Recorder, runs: list[dict], seed: int, s: dict) -> None:
+    rules = [c.label for c in DAMPER_CONFIGS]
     fig, axes = C.new_figure(3, 2, width=4.2, height=3.2)
     for row, schedule in enumerate(SCHEDULES):
         for r in (r for r in runs if r["seed"] == seed and r["schedule"] == schedule):
             color = f"C{s['lrs'].index(r['lr'])}"
             style = "--" if r["eps"] == "flat" else "-"
-            label = f"{'flat' if r['eps'] == 'flat' else 'learned'} alpha={r['lr']:g}"
+            label = f"{r['eps'].split(':')[0]} alpha={r['lr']:g}"
             h = r["history"]
             axes[row, 0].plot(h["step"], h["train_loss"], style, color=color, label=label)
             axes[row, 1].plot(h["step"], h["val_acc"], style, color=color, label=label)
             if r["damping_history"]:
                 d = r["damping_history"]
-                axes[row, 2].plot(
-                    [p["step"] for p in d], [p["damping"] for p in d], "-o", ms=3, color=color
+                axes[row, 2].plot(  # from delta* = alpha through every update
+                    [0, *(p["step"] for p in d)],
+                    [r["lr"], *(p["damping"] for p in d)],
+                    ["-", "-.", ":"][rules.index(r["eps"]) % 3],
+                    color=color,
+                    label=f"{r['eps'].split(':')[0]} alpha={r['lr']:g}",
                 )
         axes[row, 0].set_yscale("log")
         axes[row, 0].set_title(f"{schedule}: train loss (dashed: flat eps = alpha)")
         axes[row, 1].set_title(f"{schedule}: validation accuracy")
         axes[row, 2].set_title(f"{schedule}: learned eps")
         axes[row, 2].set_yscale("log")
-        axes[row, 0].legend(fontsize=6)
+        axes[row, 0].legend(fontsize=5)
+        axes[row, 2].legend(fontsize=5)
     rec.figure(fig)
