@@ -207,6 +207,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     """``curvlab experiment NAME``: run one experiment (or all) and print each verdict."""
     _setup(args)
     from curvlab.experiments._common import verdict_word
+    from curvlab.experiments.stats import RULE
 
     if args.scale == "paper" and not args.device.startswith("cuda"):
         print(
@@ -220,24 +221,24 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         results = module.run(
             args.out, scale=args.scale, seed=args.seed, device=args.device, progress=args.progress
         )
-        summary[name] = results["supports"]
+        summary[name] = results["verdict"]
         print(
-            f"{name}: {verdict_word(results['supports'])} the paper's claim "
-            f"({results['wall_time_s']:.0f} s) -> {args.out / (name + '.md')}"
+            f"{name}: {verdict_word(results['verdict'])} the paper's claim over seeds "
+            f"{results['seeds']} ({results['wall_time_s']:.0f} s) -> {args.out / (name + '.md')}"
         )
         for check in results["checks"]:
-            print(f"  {verdict_word(check['supports'])}: {check['claim']}")
+            print(f"  {verdict_word(check['verdict'])}: {check['claim']}")
     if args.name == "all":
         sections = [(args.out / f"{n}.md").read_text() for n in names]
         head = (
             f"# curvlab: the paper's claims, reproduced (scale {args.scale}, seed "
-            f"{args.seed})\n\n"
+            f"{args.seed})\n\n{RULE}\n\n"
             + "\n".join(f"- {n}: {verdict_word(summary[n])}" for n in names)
             + "\n\n"
         )
         (args.out / "report.md").write_text(head + "\n".join(sections))
         with open(args.out / "results.json", "w") as fh:
-            json.dump({"scale": args.scale, "seed": args.seed, "supports": summary}, fh, indent=1)
+            json.dump({"scale": args.scale, "seed": args.seed, "verdicts": summary}, fh, indent=1)
     return 0
 
 

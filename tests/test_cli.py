@@ -84,7 +84,7 @@ def test_tour_fast_end_to_end(tmp_path):
     runs = results["autodamping"]["runs"]
     learned = [r for r in runs.values() if r["learned"]]
     assert len(runs) == 3 and len(learned) == 1 and learned[0]["damping_history"]
-    assert learned[0]["final_eps"] >= 1e-3  # the floor is the initial value
+    assert learned[0]["final_eps"] > 1e-6  # it starts at 1e-8 and learns the noise level
     assert results["wall_time_s"] < 120
 
 
