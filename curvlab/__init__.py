@@ -18,7 +18,14 @@ from curvlab.errors import (
 from curvlab.estimator import CURVATURES, CurvatureEstimator
 from curvlab.operators import DenseOperator, IdentityOperator, Operator
 from curvlab.registry import backends, estimator, register
-from curvlab.results import BackendInfo, Eigenpairs, Estimate, NoiseEstimate, SpectralDensity
+from curvlab.results import (
+    BackendInfo,
+    DiagonalEstimate,
+    Eigenpairs,
+    Estimate,
+    NoiseEstimate,
+    SpectralDensity,
+)
 
 __all__ = [
     "CURVATURES",
@@ -28,6 +35,7 @@ __all__ = [
     "CurvlabError",
     "CurvlabWarning",
     "DenseOperator",
+    "DiagonalEstimate",
     "Eigenpairs",
     "Estimate",
     "IdentityOperator",

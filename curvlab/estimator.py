@@ -394,47 +394,13 @@ class CurvatureEstimator(Operator):
         return self.num_samples / self.normaliser
 
     # ------------------------------------------------------------------ diagonal
-    def diagonal(
-        self, method: str | None = None, n_matvecs: int | None = None, seed: Seed = 0
-    ) -> torch.Tensor:
-        """The diagonal of the curvature.
-
-        Parameters
-        ----------
-        method : {None, "exact", "xdiag", "hutchinson"}, default None
-            None and "exact" give the exact diagonal: the backend's own where it has one
-            (BackPACK, KFAC), else P products with identity columns. "xdiag"/"hutchinson"
-            estimate it from ``n_matvecs`` products.
-        n_matvecs : int, optional
-            The product budget of an estimate; a budget of at least P gives the exact
-            diagonal.
-        seed : int or torch.Generator, default 0
-
-        Returns
-        -------
-        torch.Tensor
-            [P], the same answer on every backend (exact unless an estimate is asked for).
-        """
-        if method not in (None, "exact", "xdiag", "hutchinson"):
-            raise InvalidInputError(
-                f"method must be None, 'exact', 'xdiag' or 'hutchinson', got {method!r}"
-            )
-        estimate = method in ("xdiag", "hutchinson") and (
-            n_matvecs is None or n_matvecs < self.num_params
-        )
-        if not estimate:
-            if "diagonal" in self.capabilities:
-                self._current()
-                with self._backend_errors("computing the diagonal"):
-                    return self._diagonal()
-            from curvlab.spectral._krylov import column_blocks
-
-            parts = [cols.diagonal(-i) for i, cols in column_blocks(self)]
-            return torch.cat(parts)
-        from curvlab.spectral.diagonal import diagonal
-
-        budget = 100 if n_matvecs is None else n_matvecs
-        return diagonal(self, method=method, n_matvecs=budget, seed=seed)
+    def _exact_diagonal(self, progress: bool | None, callback) -> torch.Tensor | None:
+        """The backend's own exact diagonal (BackPACK, KFAC), if it has one now."""
+        if "diagonal" not in self.capabilities:
+            return None
+        self._current()
+        with self._backend_errors("computing the diagonal"):
+            return self._diagonal()
 
     # ------------------------------------------------------------------ noise
     def noise_variance(

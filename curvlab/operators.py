@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
     from curvlab._random import Seed
     from curvlab.progress import Callback
-    from curvlab.results import Eigenpairs, Estimate, SpectralDensity
+    from curvlab.results import DiagonalEstimate, Eigenpairs, Estimate, SpectralDensity
 
 #: ``to_dense`` refuses operators above this size unless ``max_params`` is raised.
 DEFAULT_MAX_DENSE_PARAMS = 20_000
@@ -405,6 +405,71 @@ class Operator(abc.ABC):
             progress=progress,
             callback=callback,
         )
+
+    def _exact_diagonal(self, progress: bool | None, callback: Any) -> torch.Tensor | None:
+        """An exact diagonal cheaper than P products, where a subclass has one."""
+        return None
+
+    def diagonal(
+        self,
+        method: str | None = None,
+        n_matvecs: int | None = None,
+        seed: Seed = 0,
+        progress: bool | None = None,
+        callback: Any = None,
+    ) -> torch.Tensor | DiagonalEstimate:
+        """The diagonal: exact by default, or an estimate with a standard error.
+
+        Parameters
+        ----------
+        method : {None, "exact", "xdiag", "hutchinson"}, default None
+            None and "exact" give the exact diagonal: the operator's own where it has one
+            (BackPACK's and KFAC's estimators), else P products with identity columns (a
+            warning comes first when that is predicted to take long). "xdiag"/"hutchinson"
+            estimate it from ``n_matvecs`` products (see
+            :func:`curvlab.spectral.diagonal_estimate`).
+        n_matvecs : int, optional
+            The budget of an estimate (default 100); a budget of at least P is exact.
+        seed : int or torch.Generator, default 0
+        progress, callback
+            See :mod:`curvlab.progress`.
+
+        Returns
+        -------
+        torch.Tensor or DiagonalEstimate
+            The exact [P] diagonal as a tensor (the same answer on every backend), or, when an
+            estimate is asked for, a :class:`~curvlab.DiagonalEstimate` with ``value`` and an
+            entrywise ``stderr``.
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> A = curvlab.DenseOperator(torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64)))
+        >>> A.diagonal()
+        tensor([1., 2., 3., 4.], dtype=torch.float64)
+        """
+        if method not in (None, "exact", "xdiag", "hutchinson"):
+            raise InvalidInputError(
+                f"method must be None, 'exact', 'xdiag' or 'hutchinson', got {method!r}"
+            )
+        from curvlab.spectral.diagonal import diagonal_estimate
+
+        if method in ("xdiag", "hutchinson"):
+            budget = 100 if n_matvecs is None else n_matvecs
+            return diagonal_estimate(
+                self, method=method, n_matvecs=budget, seed=seed, progress=progress,
+                callback=callback,
+            )
+        if n_matvecs is not None:
+            raise InvalidInputError(
+                "n_matvecs sets the budget of an estimate: pass method='xdiag' or 'hutchinson'"
+            )
+        exact = self._exact_diagonal(progress, callback)
+        if exact is not None:
+            return exact
+        return diagonal_estimate(
+            self, n_matvecs=self.num_params, progress=progress, callback=callback
+        ).value
 
     def trace_of_square(
         self,

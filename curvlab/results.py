@@ -21,6 +21,20 @@ class Estimate:
 
 
 @dataclass(frozen=True)
+class DiagonalEstimate:
+    """A diagonal [P] with its entrywise standard error (zero when ``method == "exact"``)."""
+
+    value: torch.Tensor
+    stderr: torch.Tensor
+    n_matvecs: int
+    method: str
+
+    @property
+    def exact(self) -> bool:
+        return self.method == "exact"
+
+
+@dataclass(frozen=True)
 class Eigenpairs:
     """Eigenvalues sorted in descending order, vectors as columns [P, k]."""
 

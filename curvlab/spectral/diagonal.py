@@ -26,6 +26,7 @@ import torch
 from curvlab._random import Seed, make_generator, rademacher
 from curvlab.errors import InvalidInputError
 from curvlab.progress import Callback
+from curvlab.results import DiagonalEstimate
 from curvlab.spectral._budget import element_size, warn_if_over_memory
 from curvlab.spectral._krylov import (
     PRODUCT_BLOCK,
@@ -47,6 +48,21 @@ def diagonal(
     progress: bool | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
+    """The estimate of :func:`diagonal_estimate` alone (its ``value``)."""
+    return diagonal_estimate(
+        op, method=method, n_matvecs=n_matvecs, seed=seed, progress=progress, callback=callback
+    ).value
+
+
+def diagonal_estimate(
+    op,
+    *,
+    method: str = "xdiag",
+    n_matvecs: int = 100,
+    seed: Seed = 0,
+    progress: bool | None = None,
+    callback: Callback | None = None,
+) -> DiagonalEstimate:
     """Estimate diag(A) ([P], ``op.dtype`` on ``op.device``) from ``n_matvecs`` products.
 
     Parameters
@@ -72,8 +88,10 @@ def diagonal(
 
     Returns
     -------
-    torch.Tensor
-        The estimate [P] (no standard error: see the accuracy above).
+    DiagonalEstimate
+        ``value`` [P] and its entrywise standard error ``stderr`` [P]: the spread of the
+        per-probe terms z_i (A z_i) over sqrt(m) for Hutchinson, of XDiag's s exchangeable
+        leave-one-out terms over sqrt(s) for XDiag; zero when exact (n_matvecs >= P).
 
     Warns
     -----
@@ -93,9 +111,11 @@ def diagonal(
     >>> import torch, curvlab
     >>> from curvlab.spectral import diagonal
     >>> A = curvlab.DenseOperator(torch.diag(torch.arange(1.0, 201.0, dtype=torch.float64)))
-    >>> d = diagonal(A, method="hutchinson", n_matvecs=4, progress=False)
-    >>> bool(torch.allclose(d, torch.arange(1.0, 201.0, dtype=torch.float64)))  # z * z = 1
+    >>> d = diagonal_estimate(A, method="hutchinson", n_matvecs=4, progress=False)
+    >>> bool(torch.allclose(d.value, torch.arange(1.0, 201.0, dtype=torch.float64)))  # z * z = 1
     True
+    >>> float(d.stderr.max())  # every probe gives the same diagonal term
+    0.0
     """
     P = check_operator(op)
     if method not in METHODS:
@@ -105,7 +125,8 @@ def diagonal(
     fix = "lower n_matvecs"
     with Products(op, "diagonal", planned, fix, progress, callback) as product:
         if n_matvecs >= P:
-            return _exact_diagonal(op, product)
+            value = _exact_diagonal(op, product)
+            return DiagonalEstimate(value, torch.zeros_like(value), P, "exact")
         # XDiag's peak: Omega, Y, Q, Z, Q S, Z S and temporaries, about 8 [P, s] blocks
         width = 8 * (n_matvecs // 2) if method == "xdiag" else min(PRODUCT_BLOCK, n_matvecs)
         warn_if_over_memory(
@@ -116,16 +137,47 @@ def diagonal(
         )
         gen = make_generator(seed, op.device)
         if method == "hutchinson":
-            total = torch.zeros(P, dtype=op.dtype, device=op.device)
+            terms = _SpreadAccumulator()
             for start in range(0, n_matvecs, PRODUCT_BLOCK):
                 width = min(PRODUCT_BLOCK, n_matvecs - start)
                 Z = rademacher((P, width), generator=gen, dtype=op.dtype, device=op.device)
-                total += (Z * product(Z)).sum(1)
-            return total / n_matvecs
-        return _xdiag(op, n_matvecs // 2, gen, product)
+                terms.add(Z * product(Z))
+            return DiagonalEstimate(*terms.mean_and_stderr(), n_matvecs, method)
+        T = _xdiag_terms(op, n_matvecs // 2, gen, product)
+        s = T.shape[1]
+        stderr = T.std(1) / s**0.5 if s > 1 else torch.full_like(T[:, 0], float("nan"))
+        return DiagonalEstimate(T.mean(1), stderr, 2 * s, method)
 
 
-def _xdiag(op, s: int, gen: torch.Generator, product) -> torch.Tensor:
+class _SpreadAccumulator:
+    """Mean and standard error of per-probe columns added block by block (shifted sums:
+    accurate when the diagonal dominates the spread)."""
+
+    def __init__(self):
+        self.shift = self.total = self.squares = None
+        self.count = 0
+
+    def add(self, block: torch.Tensor) -> None:
+        if self.shift is None:
+            self.shift = block.mean(1)
+            self.total = torch.zeros_like(self.shift)
+            self.squares = torch.zeros_like(self.shift)
+        centred = block - self.shift[:, None]
+        self.total += centred.sum(1)
+        self.squares += (centred * centred).sum(1)
+        self.count += block.shape[1]
+
+    def mean_and_stderr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.count
+        mean = self.total / m
+        if m < 2:
+            return self.shift + mean, torch.full_like(mean, float("nan"))
+        var = ((self.squares - m * mean * mean) / (m - 1)).clamp_min(0)
+        return self.shift + mean, (var / m).sqrt()
+
+
+def _xdiag_terms(op, s: int, gen: torch.Generator, product) -> torch.Tensor:
+    """[P, s]: XDiag's s exchangeable terms, whose mean is the estimate."""
     P = op.num_params
     Om = rademacher((P, s), generator=gen, dtype=op.dtype, device=op.device)
     Y = product(Om)
@@ -143,8 +195,7 @@ def _xdiag(op, s: int, gen: torch.Generator, product) -> torch.Tensor:
     QS, ZS = Q @ S, Z @ S
     coupling = (S * R).sum(0)  # s_i^T R[:, i]
     hutch = Om * (Y - Q @ R + QS * coupling)
-    d = (Q * Z).sum(1) + (hutch.sum(1) - (QS * ZS).sum(1)) / s
-    return d - shift
+    return (Q * Z).sum(1, keepdim=True) + hutch - QS * ZS - shift
 
 
 def _exact_diagonal(op, product) -> torch.Tensor:
