@@ -8,8 +8,6 @@ import pkgutil
 
 import pytest
 
-import curvlab
-
 #: Modules whose examples need a backend package that may be missing, by import name.
 OPTIONAL = {
     "curvlab.adapters.backpack": "backpack",
