@@ -222,3 +222,34 @@ def test_every_fit_is_an_operator(make):
     dense = torch.as_tensor(fit.covariance_, dtype=F64)
     top = float(eigenpairs(fit, k=1, seed=0).values[0])
     assert top == pytest.approx(float(torch.linalg.eigvalsh(dense)[-1]), rel=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(30, 5), (7, 20), (1, 4), (12, 1)])
+@pytest.mark.parametrize("centred", [False, True])
+def test_function_forms_equal_sklearn(shape, centred):
+    import warnings
+
+    from curvlab.shrinkage import (
+        empirical_covariance,
+        ledoit_wolf,
+        ledoit_wolf_shrinkage,
+        oas,
+        shrunk_covariance,
+    )
+
+    X = _samples(*shape, seed=shape[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one sample: both warn (tested above)
+        ours = empirical_covariance(X, assume_centered=centred)
+        theirs = skcov.empirical_covariance(X, assume_centered=centred)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(shrunk_covariance(theirs, 0.3),
+                                   skcov.shrunk_covariance(theirs, 0.3), rtol=1e-13)
+        assert ledoit_wolf_shrinkage(X, assume_centered=centred, block_size=3) == \
+            pytest.approx(skcov.ledoit_wolf_shrinkage(X, assume_centered=centred), abs=1e-12)
+        for ours_fn, theirs_fn in ((ledoit_wolf, skcov.ledoit_wolf), (oas, skcov.oas)):
+            cov, rho = ours_fn(X, assume_centered=centred)
+            ref_cov, ref_rho = theirs_fn(X, assume_centered=centred)
+            assert rho == pytest.approx(ref_rho, abs=1e-12)
+            np.testing.assert_allclose(cov, ref_cov, rtol=1e-11, atol=1e-13)
+        assert empirical_covariance(torch.tensor(X, dtype=torch.float32)).dtype == torch.float32

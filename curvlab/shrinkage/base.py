@@ -123,8 +123,8 @@ class BaseShrinkage(Operator):
     def _check_fitted(self) -> None:
         if not self.__sklearn_is_fitted__():
             raise NotFittedError(
-                f"This {type(self).__name__} instance is not fitted yet (not fitted): call "
-                "'fit' with appropriate arguments before using this estimator."
+                f"This {type(self).__name__} instance is not fitted yet: call 'fit' with "
+                "appropriate arguments before using this estimator."
             )
 
     def _reset(self) -> None:
@@ -310,9 +310,9 @@ class LinearShrinkage(CovarianceMixin, BaseShrinkage):
 
     Fitted attributes: ``shrinkage_`` (rho), ``shrinkage_stderr_`` (jackknife over probes;
     0 when exact), ``target_scale_`` (tau), ``damping_`` (delta), ``noise_variance_``,
-    ``n_samples_``, ``n_features_in_``, ``n_matvecs_``; for explicit inputs
-    ``covariance_`` and ``precision_`` (None unless ``store_precision``), and
-    ``location_`` for vector samples.
+    ``n_samples_``, ``n_features_in_``, ``n_matvecs_``, ``precision_`` (None unless
+    ``store_precision``, and always None for estimators: P x P); for explicit inputs
+    ``covariance_``, and ``location_`` for vector samples.
     """
 
     assume_centered: bool = False
@@ -395,6 +395,7 @@ class LinearShrinkage(CovarianceMixin, BaseShrinkage):
             self._rep = LowRankPlusIdentity(F, K, (1 - rho) / n, rho * tau)
         else:
             self._rep = ShiftedOperator(op, rho, tau)
+        self.precision_ = None  # P x P: formed only on request, by get_precision()
         return self
 
     def _operator_stats(self, op: Any):

@@ -219,6 +219,14 @@ class EigenvalueClipping(_SpectralCleaning):
     tw_quantile : Tracy–Widom quantile of the edge margin (``curvlab.rmt.fit_bulk_edge``).
     k, n_probes, n_steps, which, seed : matrix-free form (top-k Lanczos + SLQ), see module.
     Extra fitted attributes: ``edge_`` (left, right bulk edges), ``n_outliers_``.
+
+    Examples
+    --------
+    >>> from curvlab.shrinkage import SpikedModel
+    >>> model = SpikedModel(200, spikes=(10.0,), noise=2.0)  # spike 10 + noise of variance 1
+    >>> fit = EigenvalueClipping().fit(model.sample(4, seed=1))
+    >>> fit.n_outliers_, round(float(fit.eigenvalues_[0]), 1), round(float(fit.eigenvalues_[1]), 3)
+    (1, 10.0, 0.007)
     """
 
     uses_noise = False  # the edge comes from the fitted bulk, not from a noise estimate
