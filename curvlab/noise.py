@@ -95,9 +95,12 @@ def noise_variance(
     Returns
     -------
     NoiseEstimate
-        ``value`` averages the probes; ``stderr`` combines the spread over probes with a
-        delete-one-group jackknife over the groups (so it covers which samples were drawn,
-        and is finite for one probe), sqrt(var_probes / n_probes + mean_probes var_groups).
+        ``value`` averages the probes. ``stderr`` = sqrt(``stderr_probes``^2 +
+        ``stderr_groups``^2): the spread over probes / sqrt(n_probes), and a delete-one-group
+        jackknife over the groups times the finite-population correction 1 - n / N (the
+        groups' n samples are a draw from the population of N, so this covers which samples
+        were drawn; it is 0 when the estimator holds the whole population, and the full
+        jackknife for i.i.d. batches, ``population=math.inf``).
     """
     _check_args(est, batch_size, n_probes, method, group_size, source)
     n_pop = float(est.num_samples if population is None else population)
@@ -120,10 +123,15 @@ def noise_variance(
     else:  # Algorithm 1 as printed, with the 1/n: mean ||u_i||^2 - (v^T u_bar)^2
         sigma2 = (stats.centred + n_groups * stats.mean_sq) / n_groups - stats.vu**2
     values = factor * group_size * sigma2
-    stderr = _stderr(values, (factor * group_size) ** 2 * stats.group_variance())
+    # the groups are a sample of the population only where it is larger than what is held
+    held = 0.0 if math.isinf(n_pop) else min(1.0, work.num_samples / n_pop)
+    probes, groups = _variances(values, (1.0 - held) * (factor * group_size) ** 2
+                                * stats.group_variance())
     return NoiseEstimate(
         value=float(values.mean()),
-        stderr=stderr,
+        stderr=math.sqrt(probes + groups),
+        stderr_probes=math.sqrt(probes),
+        stderr_groups=math.sqrt(groups),
         per_probe=values,
         batch_size=batch_size,
         n_samples=work.num_samples,
@@ -135,11 +143,14 @@ def noise_variance(
     )
 
 
-def _stderr(values: torch.Tensor, group_variance: torch.Tensor) -> float:
-    """sqrt(var over probes / n_probes + mean over probes of the group jackknife variance)."""
-    probes = float(values.var() / values.numel()) if values.numel() > 1 else 0.0
+def _variances(values: torch.Tensor, group_variance: torch.Tensor) -> tuple[float, float]:
+    """(var over probes / n_probes, mean over probes of the groups' jackknife variance); the
+    first is NaN for one probe, the second 0 when the groups hold the whole population."""
+    probes = float(values.var() / values.numel()) if values.numel() > 1 else math.nan
     groups = float(group_variance.mean())
-    return math.sqrt(probes + groups) if math.isfinite(groups) else math.nan
+    if math.isnan(probes) and groups > 0:
+        probes = 0.0  # one probe: the groups' spread is the error we can measure
+    return probes, groups
 
 
 def _check_args(est, batch_size, n_probes, method, group_size, source) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -82,6 +83,9 @@ class NoiseEstimate:
     source: str = "matvec"
     #: P^-1 tr H from the same probes (v^T u_bar), None for the diagonal source
     trace_per_param: float | None = None
+    #: the two parts of ``stderr``: the probes' spread, the groups' jackknife (see noise_variance)
+    stderr_probes: float = math.nan
+    stderr_groups: float = math.nan
 
     @property
     def damping(self) -> float:

@@ -144,8 +144,7 @@ def test_result_fields_and_counts(logreg):
     assert (res.batch_size, res.n_samples, res.n_groups, res.n_matvecs) == (16, 200, 200, 1000)
     assert (res.method, res.source) == ("unbiased", "matvec")
     assert res.per_probe.shape == (5,) and res.value == pytest.approx(float(res.per_probe.mean()))
-    probes = float(res.per_probe.var()) / 5
-    assert res.stderr**2 > probes  # the spread over probes plus the groups' jackknife
+    assert res.stderr == pytest.approx(float(res.per_probe.std()) / math.sqrt(5))  # whole data
     assert est.n_matvecs - before == 1000
     assert float(res) == res.damping == res.value
     again = est.noise_variance(batch_size=16, n_probes=5, seed=3)
@@ -173,9 +172,18 @@ def test_group_jackknife_equals_leaving_each_group_out(logreg):
         assert float(stats.centred[0]) / (n - 1) == pytest.approx(s2(U), rel=1e-12)
 
 
-def test_one_probe_still_has_a_standard_error(logreg):
-    res = logreg[0].noise_variance(batch_size=16, n_probes=1, seed=0)
-    assert math.isfinite(res.stderr) and 0 < res.stderr < res.value
+def test_standard_error_parts_follow_the_population(logreg):
+    est = logreg[0]
+    whole = est.noise_variance(batch_size=16, n_probes=4, seed=0)  # the whole population
+    assert whole.stderr_groups == 0 and whole.stderr == pytest.approx(whole.stderr_probes)
+    iid = est.noise_variance(batch_size=16, n_probes=4, seed=0, population=math.inf)
+    assert iid.stderr_groups > 0 and iid.stderr_probes == pytest.approx(
+        whole.stderr_probes * iid.value / whole.value
+    )
+    assert iid.stderr == pytest.approx(math.hypot(iid.stderr_probes, iid.stderr_groups))
+    one = est.noise_variance(batch_size=16, n_probes=1, seed=0, population=math.inf)
+    assert math.isfinite(one.stderr) and 0 < one.stderr < one.value  # the groups' spread
+    assert math.isnan(est.noise_variance(batch_size=16, n_probes=1, seed=0).stderr)
 
 
 def test_population_sets_the_finite_population_factor(logreg):
