@@ -99,12 +99,6 @@ class Products:
         self.bar.close()
 
 
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidInputError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def breakdown_threshold(dtype: torch.dtype, scale: float) -> float:
     return BREAKDOWN_ULPS * torch.finfo(dtype).eps * scale
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 
 from curvlab._random import Seed, make_generator, rademacher
-from curvlab.errors import InvalidInputError
 from curvlab.progress import Callback
 from curvlab.results import DiagonalEstimate
 from curvlab.spectral._budget import element_size, warn_if_over_memory
@@ -32,9 +31,9 @@ from curvlab.spectral._krylov import (
     PRODUCT_BLOCK,
     Products,
     check_operator,
-    check_positive_int,
     column_blocks,
 )
+from curvlab.validation import check_choice, check_int
 
 METHODS = ("xdiag", "hutchinson")
 
@@ -118,9 +117,8 @@ def diagonal_estimate(
     0.0
     """
     P = check_operator(op)
-    if method not in METHODS:
-        raise InvalidInputError(f"method must be one of {METHODS}, got {method!r}")
-    check_positive_int("n_matvecs", n_matvecs, 2 if method == "xdiag" else 1)
+    check_choice("method", method, METHODS)
+    n_matvecs = check_int("n_matvecs", n_matvecs, minimum=2 if method == "xdiag" else 1)
     planned = P if n_matvecs >= P else n_matvecs - (n_matvecs % 2 if method == "xdiag" else 0)
     fix = "lower n_matvecs"
     with Products(op, "diagonal", planned, fix, progress, callback) as product:

@@ -89,9 +89,9 @@ from curvlab.spectral._krylov import (
     breakdown_threshold,
     cgs2_,
     check_operator,
-    check_positive_int,
     column_blocks,
 )
+from curvlab.validation import check_choice, check_int, check_positive
 
 WHICH = ("largest", "smallest", "both")
 #: Operators with P <= DENSE_FACTOR * ncv are solved directly (P matvecs and a dense eigh).
@@ -192,13 +192,11 @@ def eigenpairs(
     ([99.0, 98.0], True)
     """
     P = check_operator(op)
-    check_positive_int("k", k)
+    k = check_int("k", k, minimum=1)
     if k > P:
         raise InvalidInputError(f"k={k} exceeds the operator size P={P}")
-    if which not in WHICH:
-        raise InvalidInputError(f"which must be one of {WHICH}, got {which!r}")
-    if not isinstance(tol, (int, float)) or not tol > 0 or tol != tol or tol == float("inf"):
-        raise InvalidInputError(f"tol must be a positive finite number, got {tol!r}")
+    check_choice("which", which, WHICH)
+    tol = check_positive("tol", tol)
     if tol < torch.finfo(op.dtype).eps:
         raise InvalidInputError(
             f"tol={tol:g} is below the precision of the operator's {op.dtype} products "
@@ -209,17 +207,17 @@ def eigenpairs(
     if verify_steps is False:
         verify_steps = 0
     else:
-        check_positive_int("verify", verify_steps, 0)
+        verify_steps = check_int("verify", verify_steps, minimum=0)
     n_top, n_bot = {"largest": (k, 0), "smallest": (0, k), "both": ((k + 1) // 2, k // 2)}[which]
     if ncv is None:
         ncv = max(2 * k + 1, 20)
     else:
-        check_positive_int("ncv", ncv, k + 2)
+        ncv = check_int("ncv", ncv, minimum=k + 2)
     ncv = min(ncv, P)
     if max_iter is None:
         max_iter = MAX_ITER_FACTOR * ncv
     else:
-        check_positive_int("max_iter", max_iter, ncv)
+        max_iter = check_int("max_iter", max_iter, minimum=ncv)
     rows = ncv + 1 + (k if verify_steps else 0)
     dtype = _basis_dtype(op, rows, basis_dtype)
     with Progress("eigenpairs", None, progress=progress, callback=callback) as bar:

@@ -30,7 +30,8 @@ from curvlab.spectral._budget import (
     fits_budget,
     warn_if_over_memory,
 )
-from curvlab.spectral._krylov import apply, breakdown_threshold, check_operator, check_positive_int
+from curvlab.spectral._krylov import apply, breakdown_threshold, check_operator
+from curvlab.validation import check_int, check_optional, check_positive
 
 #: The log-scale density covers eigenvalues within this many decades below the largest node.
 LOG_DECADES = 6.0
@@ -75,7 +76,7 @@ def lanczos_tridiagonal(
     6.0
     """
     P = check_operator(op)
-    check_positive_int("n_steps", n_steps)
+    n_steps = check_int("n_steps", n_steps, minimum=1)
     if not isinstance(v0, torch.Tensor) or v0.ndim not in (1, 2) or v0.shape[0] != P:
         raise InvalidInputError(
             f"v0 must have shape [{P}] or [{P}, b], got {getattr(v0, 'shape', v0)}"
@@ -230,13 +231,10 @@ def spectral_density(
     (torch.Size([4, 40]), 160, 0.5)
     """
     P = check_operator(op)
-    check_positive_int("n_probes", n_probes)
-    check_positive_int("n_steps", n_steps)
-    check_positive_int("grid_size", grid_size, 2)
-    if sigma is not None and not (
-        isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0
-    ):
-        raise InvalidInputError(f"sigma must be a positive number or None, got {sigma!r}")
+    n_probes = check_int("n_probes", n_probes, minimum=1)
+    n_steps = check_int("n_steps", n_steps, minimum=1)
+    grid_size = check_int("grid_size", grid_size, minimum=2)
+    sigma = check_optional(check_positive, "sigma", sigma, fix="or None for the default")
     n = min(n_steps, P)
     per_probe = n * P * element_size(op.dtype)
     if probe_batch is None:
@@ -244,7 +242,7 @@ def spectral_density(
         while batch > 1 and not fits_budget(batch * per_probe, op.device):
             batch -= 1
     else:
-        batch = check_positive_int("probe_batch", probe_batch)
+        batch = check_int("probe_batch", probe_batch, minimum=1)
     batch = min(batch, n_probes)
     warn_if_over_memory(
         f"spectral_density(n_steps={n_steps}, probe_batch={batch}): Lanczos bases of "

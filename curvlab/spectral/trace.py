@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 
 from curvlab._random import Seed, gaussian, make_generator, rademacher
-from curvlab.errors import InvalidInputError
 from curvlab.progress import Callback
 from curvlab.results import Estimate
 from curvlab.spectral._budget import element_size, warn_if_over_memory
@@ -29,9 +28,9 @@ from curvlab.spectral._krylov import (
     PRODUCT_BLOCK,
     Products,
     check_operator,
-    check_positive_int,
     column_blocks,
 )
+from curvlab.validation import check_choice, check_int
 
 METHODS = ("hutch++", "hutchinson")
 _FIX = "lower n_matvecs (the standard error grows as 1/sqrt(n_matvecs))"
@@ -152,10 +151,9 @@ def trace_of_square(
 
 def _estimate(op, n_matvecs, method, seed, square, progress, callback) -> Estimate:
     P = check_operator(op)
-    if method not in METHODS:
-        raise InvalidInputError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
     minimum = 6 if method == "hutch++" else 2
-    check_positive_int("n_matvecs", n_matvecs, minimum)
+    n_matvecs = check_int("n_matvecs", n_matvecs, minimum=minimum)
     what = "trace_of_square" if square else "trace"
     planned = min(n_matvecs, P)
     with Products(op, what, planned, _FIX, progress, callback) as product:
