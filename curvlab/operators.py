@@ -67,6 +67,30 @@ class Operator(abc.ABC):
     assume a symmetric operator, as every curvature matrix is. Sums, differences and scalar
     multiples of symmetric operators are symmetric; a product ``A @ B`` is symmetric only
     when A and B commute (``A @ A`` always is).
+
+    A subclass sets ``num_params``, ``dtype``, ``device`` (and ``n_matvecs = 0``) and
+    implements ``_matvec(V)`` for a validated [P, k] block; everything else comes from this
+    class.
+
+    References
+    ----------
+    F. Dangel et al., curvlinops: linear operators for curvature matrices in PyTorch,
+    https://github.com/f-dangel/curvlinops (the design this class follows).
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> class Scaled(curvlab.Operator):
+    ...     def __init__(self, scales):
+    ...         self.scales = scales
+    ...         self.num_params, self.dtype, self.device = len(scales), scales.dtype, scales.device
+    ...     def _matvec(self, V):
+    ...         return self.scales[:, None] * V
+    >>> A = Scaled(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    >>> A.trace(n_matvecs=6, progress=False).value, A.n_matvecs
+    (6.0, 3)
+    >>> (A + 2 * A) @ torch.ones(3, dtype=torch.float64)
+    tensor([3., 6., 9.], dtype=torch.float64)
     """
 
     num_params: int
@@ -80,7 +104,26 @@ class Operator(abc.ABC):
 
     # ------------------------------------------------------------------ products
     def check_vector(self, v: Any, *, allow_block: bool = True) -> torch.Tensor:
-        """Validate a [P] vector or [P, k] block against this operator's size, dtype, device."""
+        """Validate a [P] vector or [P, k] block against this operator's size, dtype, device.
+
+        Parameters
+        ----------
+        v : torch.Tensor
+            The vector or block to check.
+        allow_block : bool, default True
+            Accept [P, k] blocks as well as [P] vectors.
+
+        Returns
+        -------
+        torch.Tensor
+            ``v`` itself, unchanged.
+
+        Raises
+        ------
+        InvalidInputError
+            For a non-tensor (numpy arrays included: use :meth:`to_scipy`), a wrong shape,
+            a dtype other than ``dtype`` or a device other than ``device``.
+        """
         if not isinstance(v, torch.Tensor):
             raise InvalidInputError(
                 f"expected a torch.Tensor, got {type(v).__name__}; use to_scipy() for numpy"
@@ -108,7 +151,22 @@ class Operator(abc.ABC):
         Returns
         -------
         torch.Tensor
-            The product, with the shape of ``v``.
+            The product, with the shape of ``v``. ``op @ v`` is the same call.
+
+        Raises
+        ------
+        InvalidInputError
+            When ``v`` does not match the operator (:meth:`check_vector`).
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> A = curvlab.DenseOperator(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64))
+        >>> A.matvec(torch.eye(2, dtype=torch.float64))  # a [P, k] block: k products
+        tensor([[2., 1.],
+                [1., 2.]], dtype=torch.float64)
+        >>> A.n_matvecs
+        2
         """
         self.check_vector(v)
         block = v if v.ndim == 2 else v[:, None]
@@ -118,7 +176,7 @@ class Operator(abc.ABC):
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(P, P)."""
+        """(P, P): the operator's shape, as scipy and numpy report it."""
         return (self.num_params, self.num_params)
 
     # ------------------------------------------------------------------ algebra
@@ -172,6 +230,12 @@ class Operator(abc.ABC):
             The numpy dtype scipy sees (default: the operator's dtype in numpy). Inputs are
             converted to the operator's torch dtype and device, outputs back to numpy.
 
+        Returns
+        -------
+        scipy.sparse.linalg.LinearOperator
+            Of shape (P, P), symmetric (``rmatvec`` is ``matvec``); its products count in
+            ``n_matvecs``.
+
         Examples
         --------
         >>> import numpy as np, torch, curvlab
@@ -203,6 +267,24 @@ class Operator(abc.ABC):
             Refuse (with the memory it would take) above this P.
         chunk : int, default 256
             Identity columns per product block.
+
+        Returns
+        -------
+        torch.Tensor
+            [P, P] in ``dtype`` on ``device`` (P products).
+
+        Raises
+        ------
+        InvalidInputError
+            When P exceeds ``max_params``; the message gives the memory it would take.
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> A = curvlab.DenseOperator(torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64)))
+        >>> (A + curvlab.IdentityOperator.like(A)).to_dense()
+        tensor([[2., 0.],
+                [0., 3.]], dtype=torch.float64)
         """
         if self.num_params > max_params:
             gib = self.num_params**2 * torch.finfo(self.dtype).bits / 8 / 2**30
@@ -237,8 +319,8 @@ class Operator(abc.ABC):
         k : int, default 10
             Number of eigenpairs.
         which : {"largest", "smallest", "both"}, default "largest"
-            Algebraically largest, smallest (most negative first), or ceil(k/2) largest and
-            floor(k/2) smallest.
+            The k algebraically largest, the k smallest (most negative), or the ceil(k/2)
+            largest and floor(k/2) smallest; the result is sorted descending in every case.
         tol : float, default 1e-6
             Residual tolerance relative to ||A||_2: each pair has ||A x - lambda x|| <=
             tol ||A||_2, so each eigenvalue is within tol ||A||_2 of one of A's (about
@@ -266,6 +348,17 @@ class Operator(abc.ABC):
         Eigenpairs
             Values in descending order, vectors [P, k] as columns, residual norms, the
             matvec count and ``converged``.
+
+        Warns
+        -----
+        NotConvergedWarning
+            When ``max_iter`` products end before every pair meets ``tol``; the pairs are
+            returned with ``converged=False``.
+
+        References
+        ----------
+        K. Wu and H. Simon, "Thick-restart Lanczos method for large symmetric eigenvalue
+        problems", SIAM J. Matrix Anal. Appl. 22 (2000).
 
         Examples
         --------
@@ -335,6 +428,11 @@ class Operator(abc.ABC):
         SpectralDensity
             Per-probe nodes and weights, grids and densities (float64, CPU).
 
+        References
+        ----------
+        S. Ubaru, J. Chen and Y. Saad, "Fast estimation of tr(f(A)) via stochastic Lanczos
+        quadrature", SIAM J. Matrix Anal. Appl. 38 (2017).
+
         Examples
         --------
         >>> import torch, curvlab
@@ -388,6 +486,13 @@ class Operator(abc.ABC):
         Estimate
             ``value``, ``stderr``, ``n_matvecs`` and the Hutchinson ``samples``.
 
+        References
+        ----------
+        M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for
+        Laplacian smoothing splines", Commun. Stat. Simul. Comput. 18 (1989).
+        R. A. Meyer, C. Musco, C. Musco and D. P. Woodruff, "Hutch++: optimal stochastic
+        trace estimation", SOSA (2021).
+
         Examples
         --------
         >>> import torch, curvlab
@@ -431,8 +536,12 @@ class Operator(abc.ABC):
         n_matvecs : int, optional
             The budget of an estimate (default 100); a budget of at least P is exact.
         seed : int or torch.Generator, default 0
-        progress, callback
-            See :mod:`curvlab.progress`.
+            The probes of an estimate.
+        progress : bool, optional
+            Show a progress bar on stderr (default: only when stderr is a terminal).
+        callback : callable, optional
+            Called with a :class:`~curvlab.progress.ProgressEvent` after every block of
+            products (``info["n_matvecs"]``).
 
         Returns
         -------
@@ -441,12 +550,27 @@ class Operator(abc.ABC):
             estimate is asked for, a :class:`~curvlab.DiagonalEstimate` with ``value`` and an
             entrywise ``stderr``.
 
+        Raises
+        ------
+        InvalidInputError
+            For an unknown ``method``, or ``n_matvecs`` without an estimating method.
+
+        References
+        ----------
+        C. Bekas, E. Kokiopoulou and Y. Saad, "An estimator for the diagonal of a matrix",
+        Appl. Numer. Math. 57 (2007) (Hutchinson's diagonal).
+        E. N. Epperly, J. A. Tropp and R. J. Webber, "XTrace: making the most of every sample
+        in stochastic trace estimation", SIAM J. Matrix Anal. Appl. 45 (2024) (XDiag).
+
         Examples
         --------
         >>> import torch, curvlab
         >>> A = curvlab.DenseOperator(torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64)))
         >>> A.diagonal()
         tensor([1., 2., 3., 4.], dtype=torch.float64)
+        >>> estimate = A.diagonal(method="xdiag", n_matvecs=2, seed=0)
+        >>> estimate.value.shape, estimate.exact, estimate.stderr.shape
+        (torch.Size([4]), False, torch.Size([4]))
         """
         if method not in (None, "exact", "xdiag", "hutchinson"):
             raise InvalidInputError(
@@ -523,7 +647,26 @@ class Operator(abc.ABC):
 
 def is_operator(obj: Any) -> bool:
     """Whether ``obj`` can be used as an operator: an :class:`Operator`, or any object with
-    ``num_params``, ``dtype``, ``device`` and ``matvec``."""
+    ``num_params``, ``dtype``, ``device`` and ``matvec``.
+
+    Parameters
+    ----------
+    obj : object
+        Anything.
+
+    Returns
+    -------
+    bool
+        True for :class:`Operator` instances and duck-typed operators (accepted by the
+        spectral functions of :mod:`curvlab.spectral`).
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> from curvlab.operators import is_operator
+    >>> is_operator(curvlab.IdentityOperator(3)), is_operator(torch.eye(3))
+    (True, False)
+    """
     return isinstance(obj, Operator) or all(hasattr(obj, a) for a in _PROTOCOL)
 
 
@@ -554,7 +697,31 @@ class _Combined(Operator):
 
 
 class SumOperator(_Combined):
-    """sum_i c_i A_i for scalars c_i and operators A_i of one shape, dtype and device."""
+    """sum_i c_i A_i for scalars c_i and operators A_i of one shape, dtype and device.
+
+    What ``A + B``, ``A - B``, ``-A``, ``c * A`` and ``A / c`` build; nested sums are
+    flattened into one list of terms.
+
+    Parameters
+    ----------
+    terms : list of (float, Operator)
+        The pairs (c_i, A_i).
+
+    Raises
+    ------
+    InvalidInputError
+        When the operators differ in ``num_params``, ``dtype`` or ``device``.
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> A = curvlab.DenseOperator(torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64)))
+    >>> damped = A + 0.5 * curvlab.IdentityOperator.like(A)
+    >>> damped
+    1 * DenseOperator + 0.5 * IdentityOperator
+    >>> damped @ torch.ones(2, dtype=torch.float64)
+    tensor([1.5000, 2.5000], dtype=torch.float64)
+    """
 
     def __init__(self, terms: list[tuple[float, Operator]]):
         flat: list[tuple[float, Operator]] = []
@@ -578,7 +745,24 @@ class SumOperator(_Combined):
 
 
 class ProductOperator(_Combined):
-    """A B: ``(A @ B) @ v = A @ (B @ v)``."""
+    """A B: ``(A @ B) @ v = A @ (B @ v)``.
+
+    What ``A @ B`` builds for two operators; each product costs one product of each.
+
+    Parameters
+    ----------
+    left : Operator
+        A.
+    right : Operator
+        B, of A's shape, dtype and device.
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> A = curvlab.DenseOperator(torch.diag(torch.tensor([1.0, 3.0], dtype=torch.float64)))
+    >>> (A @ A).trace(n_matvecs=6, progress=False).value  # Tr A^2
+    10.0
+    """
 
     def __init__(self, left: Operator, right: Operator):
         self._adopt([left, right])
@@ -628,8 +812,18 @@ class IdentityOperator(Operator):
     Parameters
     ----------
     num_params : int
+        P, the dimension.
     dtype : torch.dtype, default torch.float32
+        The dtype of the vectors it takes.
     device : torch.device or str, default "cpu"
+        Where those vectors live.
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> A = curvlab.DenseOperator(torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64)))
+    >>> (A + 1e-3 * curvlab.IdentityOperator.like(A)).diagonal()
+    tensor([1.0010, 2.0010], dtype=torch.float64)
     """
 
     def __init__(
@@ -642,7 +836,18 @@ class IdentityOperator(Operator):
 
     @classmethod
     def like(cls, op: Operator) -> IdentityOperator:
-        """The identity on ``op``'s space (size, dtype, device)."""
+        """The identity on ``op``'s space (size, dtype, device).
+
+        Parameters
+        ----------
+        op : Operator
+            Any operator (or object with ``num_params``, ``dtype`` and ``device``).
+
+        Returns
+        -------
+        IdentityOperator
+            P x P, in ``op.dtype`` on ``op.device``.
+        """
         return cls(op.num_params, op.dtype, op.device)
 
     def _matvec(self, V: torch.Tensor) -> torch.Tensor:
