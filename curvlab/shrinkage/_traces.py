@@ -48,6 +48,7 @@ import torch
 from curvlab import distributed as dist
 from curvlab._random import Seed, make_generator, unit_sphere
 from curvlab.errors import CurvlabError, InvalidInputError
+from curvlab.validation import check_int
 
 FIELDS = ("trace", "trace_sq", "trace_squared", "spread", "dispersion")
 F64 = torch.float64
@@ -230,11 +231,8 @@ def probe_stats(op, n_probes: int, seed: Seed, *, probe_batch: int = 1) -> Trace
     probe_batch : int, default 1
         Probes whose per-sample products are held at once (module docstring: memory).
     """
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 2:
-        raise InvalidInputError(f"n_probes must be an int >= 2 (for a standard error), "
-                                f"got {n_probes!r}")
-    if isinstance(probe_batch, bool) or not isinstance(probe_batch, int) or probe_batch < 1:
-        raise InvalidInputError(f"probe_batch must be a positive int, got {probe_batch!r}")
+    n_probes = check_int("n_probes", n_probes, minimum=2, fix="two probes give a standard error")
+    probe_batch = check_int("probe_batch", probe_batch, minimum=1)
     p = int(op.num_params)
     gen = make_generator(seed, op.device)
     V = unit_sphere((p, n_probes), generator=gen, dtype=op.dtype, device=op.device).T

@@ -50,6 +50,7 @@ from curvlab.shrinkage._validation import (
     check_n_features,
     warn_one_sample,
 )
+from curvlab.validation import check_int
 
 F64 = torch.float64
 
@@ -298,12 +299,6 @@ def implied_damping(rho: float, tau: float) -> float:
     return math.inf if rho >= 1.0 else tau * rho / (1.0 - rho)
 
 
-def check_count(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
 # ---------------------------------------------------------------------- linear shrinkage
 class LinearShrinkage(CovarianceMixin, BaseShrinkage):
     """Fit (1 - rho) S + rho tau I; subclasses provide ``_rule(stats) -> (rho, tau, noise)``.
@@ -415,8 +410,8 @@ class LinearShrinkage(CovarianceMixin, BaseShrinkage):
                 f"{type(self).__name__} needs per-sample products: pass a curvature estimator "
                 "with group_matvecs (e.g. the 'autograd' backend) or explicit samples"
             )
-        return None, probe_stats(op, check_count("n_probes", self.n_probes, 2), self.seed,
-                                 probe_batch=check_count("probe_batch", self.probe_batch, 1))
+        return None, probe_stats(op, check_int("n_probes", self.n_probes, minimum=2), self.seed,
+                                 probe_batch=check_int("probe_batch", self.probe_batch, minimum=1))
 
     def _finish(self, stats: TraceStats | None, n: int | None) -> tuple[float, float]:
         rho, tau, noise = self._rule(stats)

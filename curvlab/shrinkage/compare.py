@@ -42,6 +42,7 @@ from curvlab.shrinkage.base import is_operator
 from curvlab.shrinkage.nonlinear import _SpectralCleaning
 from curvlab.shrinkage.synthetic import SpikedModel
 from curvlab.shrinkage.table import Comparison
+from curvlab.validation import check_int
 
 F64 = torch.float64
 
@@ -92,9 +93,7 @@ def _truth_and_sampler(truth: Any, sampler: Callable | None, samples: Any):
 
 
 def _draw(total: int, batch_size: int, seed: Seed) -> torch.Tensor:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not (
-            1 <= batch_size <= total):
-        raise InvalidInputError(f"batch_size must be an int in [1, {total}], got {batch_size!r}")
+    batch_size = check_int("batch_size", batch_size, minimum=1, maximum=total)
     return torch.randperm(total, generator=make_generator(seed))[:batch_size]
 
 
@@ -216,8 +215,7 @@ def compare(
     """
     if not isinstance(estimators, Mapping):
         estimators = {type(e).__name__: e for e in estimators}
-    if isinstance(n_repeats, bool) or not isinstance(n_repeats, int) or n_repeats < 1:
-        raise InvalidInputError(f"n_repeats must be a positive int, got {n_repeats!r}")
+    n_repeats = check_int("n_repeats", n_repeats, minimum=1)
     batch_sizes = list(batch_sizes)
     matrix, sample = _truth_and_sampler(truth, sampler, samples)
     matrix = matrix.detach().to(F64).cpu()

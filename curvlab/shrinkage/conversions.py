@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import math
 
-from curvlab.errors import InvalidInputError
+from curvlab.validation import check_number, check_positive, check_probability
 
 
 def _check_scale(tau: float) -> float:
-    tau = float(tau)
-    if not math.isfinite(tau) or tau <= 0:
-        raise InvalidInputError(f"the target scale tau must be a positive number, got {tau}")
-    return tau
+    return check_positive("tau", tau, fix="the target scale of tau * I is positive")
 
 
 def damping_to_shrinkage(delta: float, tau: float = 1.0) -> float:
     """rho = delta / (tau + delta): the shrinkage toward tau * I equal to damping delta >= 0."""
-    tau, delta = _check_scale(tau), float(delta)
-    if math.isnan(delta) or delta < 0:
-        raise InvalidInputError(f"the damping must be >= 0, got {delta}")
+    tau, delta = _check_scale(tau), check_number("delta", delta, low=0.0, finite=False)
     return 1.0 if math.isinf(delta) else delta / (tau + delta)
 
 
@@ -36,9 +31,7 @@ def shrinkage_to_damping(rho: float, tau: float = 1.0) -> float:
 
     rho = 1 (the target alone) is infinite damping.
     """
-    tau, rho = _check_scale(tau), float(rho)
-    if not 0.0 <= rho <= 1.0:
-        raise InvalidInputError(f"the shrinkage must lie in [0, 1], got {rho}")
+    tau, rho = _check_scale(tau), check_probability("rho", rho, include_one=True)
     return math.inf if rho == 1.0 else tau * rho / (1.0 - rho)
 
 

@@ -15,8 +15,8 @@ import torch
 from curvlab.errors import InvalidInputError
 from curvlab.shrinkage._traces import vector_stats
 from curvlab.shrinkage._validation import as_samples, warn_one_sample
-from curvlab.shrinkage.base import check_count
 from curvlab.shrinkage.linear import OAS, LedoitWolf
+from curvlab.validation import check_int, check_probability
 
 F64 = torch.float64
 
@@ -72,8 +72,7 @@ def shrunk_covariance(emp_cov: Any, shrinkage: float = 0.1) -> Any:
     array([[1. , 0.5],
            [0.5, 1. ]])
     """
-    if isinstance(shrinkage, bool) or not 0.0 <= float(shrinkage) <= 1.0:
-        raise InvalidInputError(f"shrinkage must lie in [0, 1], got {shrinkage!r}")
+    shrinkage = check_probability("shrinkage", shrinkage, include_one=True)
     C, numpy_out = as_samples(emp_cov, allow_nd=True)
     if C.shape[-1] != C.shape[-2]:
         raise InvalidInputError(f"expected square matrices [..., p, p], got {tuple(C.shape)}")
@@ -117,7 +116,7 @@ def ledoit_wolf_shrinkage(X: Any, assume_centered: bool = False, block_size: int
     X64 = T.to(F64)
     if not assume_centered:
         X64 = X64 - X64.mean(dim=0)
-    stats, _ = vector_stats(X64, check_count("block_size", block_size, 1))
+    stats, _ = vector_stats(X64, check_int("block_size", block_size, minimum=1))
     return LedoitWolf()._rule(stats)[0]
 
 

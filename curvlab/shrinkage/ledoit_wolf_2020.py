@@ -41,6 +41,7 @@ from curvlab.errors import InvalidInputError, NumericalError
 from curvlab.shrinkage._represent import Eigen
 from curvlab.shrinkage._validation import as_samples
 from curvlab.shrinkage.base import BaseShrinkage, CovarianceMixin
+from curvlab.validation import check_int
 
 F64 = torch.float64
 ROOT5 = math.sqrt(5.0)
@@ -99,8 +100,7 @@ def analytical_shrinkage(X: torch.Tensor, k: int | None = None):
     if k is None:
         X = X - X.mean(dim=0)
         k = 1
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise InvalidInputError(f"k must be None or an int >= 0, got {k!r}")
+    k = check_int("k", k, minimum=0, fix="or None to centre the data (k = 1)")
     n_eff = n - k
     if n_eff < 12:
         raise InvalidInputError(

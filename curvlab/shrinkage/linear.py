@@ -29,8 +29,9 @@ from curvlab._random import Seed
 from curvlab.errors import InvalidInputError
 from curvlab.estimator import CurvatureEstimator
 from curvlab.shrinkage._traces import TraceStats
-from curvlab.shrinkage.base import LinearShrinkage, check_count
+from curvlab.shrinkage.base import LinearShrinkage
 from curvlab.shrinkage.conversions import damping_to_shrinkage, shrinkage_to_damping
+from curvlab.validation import check_int, check_probability
 
 
 class LedoitWolf(LinearShrinkage):
@@ -93,7 +94,7 @@ class LedoitWolf(LinearShrinkage):
         self.seed = seed
 
     def _block_columns(self) -> int:
-        return check_count("block_size", self.block_size, 1)
+        return check_int("block_size", self.block_size, minimum=1)
 
     def _rule(self, st: TraceStats) -> tuple[float, float, float]:
         p, n = st.p, st.n
@@ -192,9 +193,7 @@ class ShrunkCovariance(LinearShrinkage):
         self.seed = seed
 
     def _rule(self, st: TraceStats) -> tuple[float, float, None]:
-        rho = float(self.shrinkage)
-        if not 0.0 <= rho <= 1.0:
-            raise InvalidInputError(f"shrinkage must lie in [0, 1], got {self.shrinkage!r}")
+        rho = check_probability("shrinkage", self.shrinkage, include_one=True)
         return rho, st.mean("trace") / st.p, None
 
 

@@ -52,6 +52,7 @@ from curvlab.shrinkage._represent import Eigen, ShiftedOperator
 from curvlab.shrinkage._traces import group_means, matrix_stats, probe_stats
 from curvlab.shrinkage._validation import as_samples
 from curvlab.shrinkage.base import BaseShrinkage, is_operator, is_sample_operator
+from curvlab.validation import check_int, check_nonnegative
 
 
 def noise_of_mean(stats) -> float:
@@ -320,10 +321,7 @@ class RotationInvariant(_SpectralCleaning):
         self.cv_folds = cv_folds
 
     def _folds(self) -> int:
-        if isinstance(self.cv_folds, bool) or not isinstance(self.cv_folds, int) or (
-                self.cv_folds < 2):
-            raise InvalidInputError(f"cv_folds must be an int >= 2, got {self.cv_folds!r}")
-        return self.cv_folds
+        return check_int("cv_folds", self.cv_folds, minimum=2)
 
     def _clean(self, values, p, noise, nodes, weights):
         from curvlab.rmt import fit_bulk_edge, stieltjes
@@ -331,9 +329,7 @@ class RotationInvariant(_SpectralCleaning):
         if noise is None:
             kw = {} if nodes is None else {"nodes": nodes, "weights": weights, "size": p}
             noise = fit_bulk_edge(values, **kw).sigma ** 2
-        noise = float(noise)
-        if not (math.isfinite(noise) and noise >= 0):
-            raise InvalidInputError(f"noise_variance must be finite and >= 0, got {noise}")
+        noise = check_nonnegative("noise_variance", noise)
         eta = math.sqrt(noise / p) if self.eta is None else float(self.eta)
         if not eta > 0:
             raise InvalidInputError(f"eta must be > 0, got {eta} (is the noise zero?)")
