@@ -20,19 +20,16 @@ from fractions import Fraction
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from curvlab.errors import InvalidInputError
+from curvlab.validation import check_int, check_nonnegative, check_positive
 
 _TENTH, _THREE_TENTHS = Fraction(1, 10), Fraction(3, 10)
 _HALF, _NINE_TENTHS = Fraction(1, 2), Fraction(9, 10)
 
 
 def _check(total_steps: int, r: float, kappa: float = 1.0) -> None:
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-        raise InvalidInputError(f"total_steps must be a positive int, got {total_steps!r}")
-    if not r >= 0:
-        raise InvalidInputError(f"r (the final fraction of the base rate) must be >= 0, got {r!r}")
-    if not kappa > 0:
-        raise InvalidInputError(f"kappa (the peak multiple) must be positive, got {kappa!r}")
+    check_int("total_steps", total_steps, minimum=1)
+    check_nonnegative("r", r, fix="r is the final fraction of the base rate (the paper: 0.01)")
+    check_positive("kappa", kappa, fix="kappa is the peak multiple of the base rate (the paper: 5)")
 
 
 class _FractionSchedule(LRScheduler):

@@ -36,6 +36,7 @@ from torch import nn
 from curvlab._params import _is_batch, as_batches
 from curvlab.errors import InvalidInputError, UnsupportedCapabilityError
 from curvlab.operators import Operator
+from curvlab.validation import check_int, check_probability
 
 
 @dataclass(frozen=True)
@@ -232,10 +233,8 @@ def largest_stable_lr(
     grid = default_grid() if lrs is None else tuple(sorted(float(lr) for lr in lrs))
     if not grid or not all(lr > 0 and math.isfinite(lr) for lr in grid):
         raise InvalidInputError(f"lrs must be a non-empty sequence of positive floats, got {lrs}")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise InvalidInputError(f"n_steps must be a positive int, got {n_steps!r}")
-    if not (isinstance(collapse_tol, (int, float)) and 0 <= collapse_tol < 1):
-        raise InvalidInputError(f"collapse_tol must lie in [0, 1), got {collapse_tol!r}")
+    n_steps = check_int("n_steps", n_steps, minimum=1)
+    collapse_tol = check_probability("collapse_tol", collapse_tol)
     data = data if _is_batch(data) else list(data)  # a one-pass iterable serves every lr
     finals, stable, collapsed, spreads, accs = [], [], [], [], []
     initial_loss, last_stable = math.nan, None
