@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from curvlab.errors import InvalidInputError
+from curvlab.validation import check_int
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -41,8 +42,7 @@ class Subsample:
     fresh: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 2:
-            raise InvalidInputError(f"subsample must be an int >= 2, got {self.size!r}")
+        check_int("subsample", self.size, minimum=2)
 
 
 def as_subsample(spec: Any) -> Subsample | None:

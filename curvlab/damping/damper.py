@@ -49,6 +49,7 @@ from curvlab.errors import CurvlabWarning, InvalidInputError, NumericalError
 from curvlab.estimator import CURVATURES, CurvatureEstimator
 from curvlab.results import NoiseEstimate
 from curvlab.shrinkage.conversions import damping_to_shrinkage, learning_rate_scale
+from curvlab.validation import check_choice, check_int, check_optional, check_positive
 
 #: The default update rule (chosen from the measurements in BENCHMARKS.md, damping section).
 DEFAULT_UPDATE_RULE = "authors"
@@ -168,7 +169,7 @@ class LinearShrinkageDamper:
         timeout: float = sync.DEFAULT_TIMEOUT,
         **legacy: Any,
     ):
-        self.init = checked_init(init)
+        self.init = check_positive("init", init, fix="every consumer divides by the damping")
         rule, update_rule, subsample, estimator = from_legacy(
             legacy, rule, update_rule, subsample, estimator
         )
@@ -177,22 +178,18 @@ class LinearShrinkageDamper:
         bind = getattr(update_rule, "with_init", None)
         self.update_rule = update_rule if bind is None else bind(self.init)
         self.guard = as_guard(guard)
-        self.update_every = _count("update_every", update_every, 1)
-        self.batch_size = None if batch_size is None else _count("batch_size", batch_size, 1)
+        self.update_every = check_int("update_every", update_every, minimum=1)
+        self.batch_size = check_optional(check_int, "batch_size", batch_size, minimum=1)
         self.subsample = _data.as_subsample(subsample)
         if self.subsample is not None and self.batch_size is None:
             raise InvalidInputError(
                 "with a subsample the data passed to step is a pool, not the training batch: "
                 "pass batch_size (the optimizer's batch)"
             )
-        if curvature not in CURVATURES:
-            raise InvalidInputError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
-        self.curvature = curvature
+        self.curvature = check_choice("curvature", curvature, CURVATURES)
         self._factory, self._est = _estimator_source(estimator)
         self.seed = int(seed)
-        if isinstance(timeout, bool) or not (isinstance(timeout, Real) and 0 < timeout < math.inf):
-            raise InvalidInputError(f"timeout must be a positive number of seconds, got {timeout}")
-        self._collective = sync.Collective(float(timeout))
+        self._collective = sync.Collective(check_positive("timeout", timeout))
         self._gen = make_generator(self.seed)
         clamp = getattr(self.update_rule, "clamp", None)
         self._delta = self.init if clamp is None else checked_damping(clamp(self.init))
@@ -645,16 +642,6 @@ class LinearShrinkageDamper:
 
 
 # ---------------------------------------------------------------------- helpers
-def checked_init(init: Any) -> float:
-    """``init`` as a finite positive float (the damping consumers refuse 0)."""
-    if isinstance(init, bool) or not isinstance(init, (int, float)):
-        raise InvalidInputError(f"init must be a finite positive number, got {init!r}")
-    try:
-        return checked_damping(init)
-    except InvalidInputError as exc:
-        raise InvalidInputError(f"init must be a finite positive number, got {init!r}") from exc
-
-
 def _float(value: Any) -> float:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
@@ -684,12 +671,6 @@ def _estimator_source(spec: Any):
         "estimator must be a backend name, a CurvatureEstimator or a factory "
         f"(model, loss_fn, data, curvature=...) -> CurvatureEstimator; got {type(spec).__name__}"
     )
-
-
-def _count(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 __all__ = ["DEFAULT_UPDATE_RULE", "LinearShrinkageDamper"]

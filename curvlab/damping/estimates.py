@@ -48,6 +48,7 @@ from curvlab.errors import InvalidInputError
 from curvlab.estimator import CurvatureEstimator
 from curvlab.noise import METHODS, noise_variance
 from curvlab.results import NoiseEstimate
+from curvlab.validation import check_choice, check_int, check_number, check_optional
 
 TARGETS = ("identity", "trace")
 
@@ -176,16 +177,14 @@ class RMTNoise(EstimateRule):
         population: float | None = None,
         target: str = "identity",
     ):
-        self.n_probes = _count("n_probes", n_probes, 1)
-        self.group_size = _count("group_size", group_size, 1)
-        if method not in METHODS:
-            raise InvalidInputError(f"method must be one of {METHODS}, got {method!r}")
-        if target not in TARGETS:
-            raise InvalidInputError(f"target must be one of {TARGETS}, got {target!r}")
-        if population is not None and not (isinstance(population, Real) and population >= 2):
-            raise InvalidInputError(f"population must be None or a number >= 2, got {population!r}")
-        self.method, self.target = method, target
-        self.population = None if population is None else float(population)
+        self.n_probes = check_int("n_probes", n_probes, minimum=1)
+        self.group_size = check_int("group_size", group_size, minimum=1)
+        self.method = check_choice("method", method, METHODS)
+        self.target = check_choice("target", target, TARGETS)
+        self.population = check_optional(
+            check_number, "population", population, low=2, finite=False,
+            fix="pass the dataset size, or None for i.i.d. batches",
+        )
 
     @property
     def shuffle(self) -> bool:  # type: ignore[override]
@@ -400,12 +399,6 @@ def as_estimate_rule(spec: Any) -> Any:
         "batch_size=, seed=), a shrinkage estimator with fit() or a callable est -> value; "
         f"got {type(spec).__name__}"
     )
-
-
-def _count(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 __all__ = [

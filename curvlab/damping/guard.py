@@ -34,10 +34,10 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 from curvlab.errors import InvalidInputError
+from curvlab.validation import check_choice, check_int, check_number, check_positive
 
 ACTIONS = ("cap", "reject")
 #: Decisions recorded in the history: folded in as measured, folded in capped, refused after
@@ -119,19 +119,15 @@ class OutlierGuard:
         loss_ratio: float | None = 3.0,
         loss_window: int = 20,
     ):
-        self.window = _count("window", window, 1)
-        self.min_history = _count("min_history", min_history, 1)
+        self.window = check_int("window", window, minimum=1)
+        self.min_history = check_int("min_history", min_history, minimum=1)
         if self.min_history > self.window:
             raise InvalidInputError(f"min_history {min_history} exceeds window {window}")
-        self.z = _positive("z", z)
-        self.min_ratio = _positive("min_ratio", min_ratio)
-        if self.min_ratio < 1:
-            raise InvalidInputError(f"min_ratio must be >= 1, got {min_ratio!r}")
-        if action not in ACTIONS:
-            raise InvalidInputError(f"action must be one of {ACTIONS}, got {action!r}")
-        self.action = action
-        self.loss_ratio = None if loss_ratio is None else _positive("loss_ratio", loss_ratio)
-        self.loss_window = _count("loss_window", loss_window, 5)
+        self.z = check_positive("z", z)
+        self.min_ratio = check_number("min_ratio", min_ratio, low=1.0)
+        self.action = check_choice("action", action, ACTIONS)
+        self.loss_ratio = None if loss_ratio is None else check_positive("loss_ratio", loss_ratio)
+        self.loss_window = check_int("loss_window", loss_window, minimum=5)
 
     def __repr__(self) -> str:
         return (
@@ -233,18 +229,6 @@ def as_guard(spec: Any) -> OutlierGuard:
     raise InvalidInputError(
         f"guard must be True, False or an OutlierGuard, got {type(spec).__name__}"
     )
-
-
-def _count(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not (isinstance(value, Real) and 0 < value < math.inf):
-        raise InvalidInputError(f"{name} must be a finite positive number, got {value!r}")
-    return float(value)
 
 
 __all__ = ["ACTIONS", "DECISIONS", "NoGuard", "OutlierGuard", "Verdict", "as_guard", "usable"]

@@ -42,12 +42,11 @@ Granziol et al., "A Random Matrix Theory Approach to Damping in Deep Learning", 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from numbers import Real
 from typing import Any
 
 from curvlab.errors import InvalidInputError
+from curvlab.validation import check_nonnegative, check_number
 
 
 class UpdateRule:
@@ -253,15 +252,11 @@ def _bound(rule: Any) -> float:
 
 
 def _weight(ema: Any) -> float:
-    if isinstance(ema, bool) or not (isinstance(ema, Real) and 0.0 <= ema < 1.0):
-        raise InvalidInputError(f"ema must lie in [0, 1), got {ema!r}")
-    return float(ema)
+    return check_number("ema", ema, low=0.0, high=1.0, high_open=True)
 
 
 def _floor(value: Any, name: str = "floor") -> float:
-    if isinstance(value, bool) or not (isinstance(value, Real) and 0 <= value < math.inf):
-        raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return check_nonnegative(name, value)
 
 
 __all__ = [
