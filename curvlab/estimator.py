@@ -93,6 +93,40 @@ class CurvatureEstimator(Operator):
         Reduce over ``torch.distributed`` ranks (default: when initialised); each rank holds
         a shard of the data.
 
+    Attributes
+    ----------
+    backend : str
+        The registry name of the backend (``"autograd"``, ``"backpack"``, ...).
+    curvature : str
+        The curvature computed.
+    num_params : int
+        P, the length of the flat vectors (the parameters in ``params`` order).
+    num_samples : int
+        N, samples over all batches (and ranks).
+    num_batches : int
+        Batches held (over all ranks).
+    capabilities : frozenset of str
+        What this estimator offers beyond ``matvec`` (e.g. ``"group_matvecs"``,
+        ``"diagonal"``, ``"kronecker_factors"``).
+    n_matvecs : int
+        Products computed so far.
+
+    Notes
+    -----
+    The model contract (what "the curvature" means for train-mode layers, randomness, the
+    loss normaliser and staleness) is in the module docstring of :mod:`curvlab.estimator`
+    and in the user guide. Estimators are :class:`~curvlab.Operator` objects: ``+``,
+    ``-``, scalar ``*``, ``@``, ``to_scipy()`` and the spectral methods (``eigenpairs``,
+    ``trace``, ``spectral_density``, ``diagonal``) come from there.
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022). N. N. Schraudolph, "Fast curvature
+    matrix-vector products for second-order gradient descent", Neural Comput. 14 (2002)
+    (GGN products). J. Martens, "New insights and perspectives on the natural gradient
+    method", JMLR 21 (2020) (Fisher, empirical Fisher).
+
     Examples
     --------
     >>> import torch, curvlab
@@ -193,12 +227,42 @@ class CurvatureEstimator(Operator):
     def forward_batch(
         self, i: int, params: dict[str, torch.Tensor], x: torch.Tensor, tape: MaskTape | None = None
     ) -> torch.Tensor:
-        """The view's output on batch ``i`` under its seed (see the class docstring)."""
+        """The view's output on batch ``i`` under its seed (see the class docstring).
+
+        For backends: every forward pass of batch ``i`` draws the same dropout masks.
+
+        Parameters
+        ----------
+        i : int
+            Local index of the batch (for its seed, :meth:`batch_seed`).
+        params : dict of str to torch.Tensor
+            Parameters substituted by name (``{}``: the model's own).
+        x : torch.Tensor
+            The batch's inputs (a subset of them for group products).
+        tape : MaskTape, optional
+            Records the masks of stochastic layers, or replays them for a subset.
+
+        Returns
+        -------
+        torch.Tensor
+            ``model(x)`` on the hook-free view, in the estimator's mode.
+        """
         with seeded_rng(self.batch_seed(i), self.device):
             return self.view.forward(params, x, tape=tape)
 
     def batch_seed(self, i: int) -> int:
-        """The seed batch ``i`` (local index) runs under: seed + its global batch index."""
+        """The seed batch ``i`` (local index) runs under: seed + its global batch index.
+
+        Parameters
+        ----------
+        i : int
+            Local index of the batch on this process.
+
+        Returns
+        -------
+        int
+            ``(seed + global batch index) mod 2**63``, the same on every rank layout.
+        """
         return (self.seed + self._batch_offset + i) % 2**63
 
     # ------------------------------------------------------------------ staleness
@@ -222,7 +286,27 @@ class CurvatureEstimator(Operator):
 
     def refresh(self) -> None:
         """Forget every cached graph or factor: the next product recomputes them from the
-        model and data as they are now."""
+        model and data as they are now.
+
+        Rarely needed: a change to a parameter, buffer, train/eval mode or data tensor is
+        detected at the next product however it was written (optimizer steps, ``.data``,
+        ``vector_to_parameters``, ``load_state_dict``).
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh(),
+        ...                           torch.nn.Linear(2, 1)).double()
+        >>> data = (torch.randn(4, 2, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.float64))
+        >>> est = curvlab.estimator("autograd", mlp, torch.nn.MSELoss(), data)
+        >>> v = torch.ones(est.num_params, dtype=torch.float64)
+        >>> before = est.matvec(v)
+        >>> with torch.no_grad():
+        ...     _ = mlp[0].weight.mul_(2)  # an in-place write: the estimator sees it
+        >>> fresh = curvlab.estimator("autograd", mlp, torch.nn.MSELoss(), data)
+        >>> torch.equal(est.matvec(v), fresh.matvec(v)), torch.equal(est.matvec(v), before)
+        (True, False)
+        """
         self._seen = None
         self.release()
 
@@ -244,6 +328,16 @@ class CurvatureEstimator(Operator):
         -------
         CurvatureEstimator
             A new estimator; this one is left unchanged.
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> model = torch.nn.Linear(2, 1)
+        >>> est = curvlab.estimator("autograd", model, torch.nn.MSELoss(),
+        ...                         (torch.randn(8, 2), torch.randn(8, 1)))
+        >>> other = est.with_data((torch.randn(3, 2), torch.randn(3, 1)))
+        >>> other.num_samples, est.num_samples, other.backend
+        (3, 8, 'autograd')
         """
         new = copy.copy(self)
         new.n_matvecs = 0
@@ -260,6 +354,24 @@ class CurvatureEstimator(Operator):
         indices : torch.Tensor
             1-D distinct global sample indices (over all ranks, in rank order), in the order
             the new estimator holds them; every rank must keep at least one sample.
+
+        Returns
+        -------
+        CurvatureEstimator
+            ``self.with_data`` of those samples, as one batch.
+
+        Raises
+        ------
+        InvalidInputError
+            For indices that are out of range, repeated, or not a non-empty 1-D tensor.
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> x, y = torch.randn(10, 2), torch.randn(10, 1)
+        >>> est = curvlab.estimator("autograd", torch.nn.Linear(2, 1), torch.nn.MSELoss(), (x, y))
+        >>> est.subset(torch.tensor([0, 3, 7])).num_samples
+        3
         """
         local = local_selection(indices, self.local_num_samples, self.distributed)
         x, y = self.concatenated()
@@ -267,7 +379,14 @@ class CurvatureEstimator(Operator):
         return self.with_data((x[local], y[local]))
 
     def concatenated(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All samples this process holds, as one (x, y) pair."""
+        """All samples this process holds, as one (x, y) pair.
+
+        Returns
+        -------
+        tuple of torch.Tensor
+            (x, y) concatenated along the batch dimension, in data order (the batch itself
+            when there is one).
+        """
         if len(self.batches) == 1:
             return self.batches[0]
         return (
@@ -278,6 +397,12 @@ class CurvatureEstimator(Operator):
     # ------------------------------------------------------------------ contract
     @property
     def capabilities(self) -> frozenset[str]:
+        """What this estimator offers beyond the spectral methods, as a frozenset of str.
+
+        ``"matvec"`` always; backends add ``"group_matvecs"``, ``"per_sample_gradients"``,
+        ``"diagonal"`` (an exact diagonal cheaper than P products), ``"kronecker_factors"``,
+        ``"damped_inverse"``, ... (``curvlab.backends()`` lists them per backend).
+        """
         return self.base_capabilities
 
     def _local_matvec(self, V: torch.Tensor) -> torch.Tensor:
@@ -360,11 +485,30 @@ class CurvatureEstimator(Operator):
         v : torch.Tensor
             One [P] probe shared by all groups, or a [P, k] block of k probes.
         group_size : int, default 1
+            Samples per group (1: per-sample products).
 
         Returns
         -------
         torch.Tensor
             [G, P] for one probe, [k, G, P] for a block.
+
+        Raises
+        ------
+        UnsupportedCapabilityError
+            On a backend without per-group products (see ``capabilities``).
+        UnsupportedModelError
+            For ``group_size=1`` under train-mode BatchNorm.
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> x, y = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+        >>> model = torch.nn.Linear(2, 1).double()
+        >>> est = curvlab.estimator("autograd", model, torch.nn.MSELoss(), (x, y))
+        >>> v = torch.ones(est.num_params, dtype=torch.float64)
+        >>> rows = est.group_matvecs(v, group_size=2)
+        >>> rows.shape, torch.allclose(rows.mean(0), est.matvec(v))
+        (torch.Size([3, 3]), True)
         """
         self.check_vector(v)
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -390,7 +534,12 @@ class CurvatureEstimator(Operator):
 
     @property
     def sample_scale(self) -> float:
-        """N / W: per-sample rows times this average to the full product."""
+        """N / W: per-sample rows times this average to the full product.
+
+        N is ``num_samples`` and W the loss normaliser summed over all data (N for a plain
+        mean loss; for CrossEntropyLoss/NLLLoss the class weights of the labels that are
+        not ``ignore_index``, summed; see :mod:`curvlab.losses`). A float.
+        """
         return self.num_samples / self.normaliser
 
     # ------------------------------------------------------------------ diagonal
@@ -419,8 +568,75 @@ class CurvatureEstimator(Operator):
     ) -> NoiseEstimate:
         """Hessian noise variance P^-1 E||H_B - H||_F^2 for batches of ``batch_size``.
 
-        The paper's optimal damping (eq. 15); see :func:`curvlab.noise.noise_variance`
-        for every parameter.
+        The paper's optimal damping (eq. 15): with one shared random unit probe v per round
+        and u_i = H_i v for n groups of ``group_size`` samples,
+        s2 = 1/(n-1) sum_i ||u_i - u_bar||^2 is unbiased for P^-1 E||H_i - H||_F^2, and a
+        batch of B drawn without replacement from N samples has noise
+        delta = (1/B - 1/N) * group_size * s2, averaged over the probes. Same as
+        :func:`curvlab.noise.noise_variance` (its module docstring has the derivation).
+
+        Parameters
+        ----------
+        batch_size : int, default 128
+            B, the batch whose curvature noise is wanted (the optimizer's batch).
+        n_probes : int, default 10
+            Probe rounds; each costs one product per group. For ``source="diagonal"`` the
+            number of jackknife folds behind the standard error (at least 2).
+        method : {"unbiased", "paper"}, default "unbiased"
+            ``"paper"`` is the paper's Algorithm 1 as printed, which subtracts
+            (v^T H_bar v)^2 instead of ||H_bar v||^2 and is biased upwards by
+            P/(P+2) x the spectral variance of H_bar; kept only for comparison.
+        subsample : int or torch.Tensor, optional
+            An int draws that many samples at random (seeded, in random order); a 1-D
+            tensor of global indices picks those samples in that order. The estimate is
+            formed on ``self.subset(...)``; S2 of a random subset is unbiased for that of all
+            samples. Default: all samples held.
+        seed : int or torch.Generator, default 0
+            The probes and the subsample.
+        group_size : int, default 1
+            g; 1 is per-sample, ``batch_size`` is the paper's per-batch route. Groups are
+            consecutive samples, so for g > 1 the data order must be random (``subsample``
+            draws a random order).
+        source : {"matvec", "diagonal"}, default "matvec"
+            Probes through :meth:`group_matvecs`, or per-sample diagonals (BackPACK only;
+            assumes off-diagonal noise as variable as the diagonal's).
+        population : float, optional
+            N in the factor 1/B - 1/N (default ``num_samples``); ``math.inf`` for batches
+            drawn i.i.d. (factor 1/B).
+        progress : bool, optional
+            Show a progress bar on stderr (default: only when stderr is a terminal).
+        callback : callable, optional
+            Called with a :class:`~curvlab.progress.ProgressEvent` after every block of
+            probes.
+
+        Returns
+        -------
+        NoiseEstimate
+            ``value`` (delta), ``stderr`` (the probes' spread and the groups' jackknife with
+            the finite-population correction), ``per_probe`` values and the counts.
+
+        Raises
+        ------
+        InvalidInputError
+            For a bad option, a population smaller than ``batch_size``, or fewer than two
+            groups.
+        UnsupportedCapabilityError
+            For ``source="diagonal"`` on a backend without per-sample diagonals.
+
+        References
+        ----------
+        D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+        learning", J. Phys. Complex. 3 (2022), eq. 15 and Algorithm 1.
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.randn(64, 3, generator=g), torch.randn(64, 1, generator=g)
+        >>> est = curvlab.estimator("autograd", torch.nn.Linear(3, 1), torch.nn.MSELoss(), (x, y))
+        >>> small, large = est.noise_variance(batch_size=8), est.noise_variance(batch_size=32)
+        >>> round(small.value / large.value, 6)  # (1/8 - 1/64) / (1/32 - 1/64)
+        7.0
         """
         from curvlab.noise import noise_variance
 
@@ -440,7 +656,19 @@ class CurvatureEstimator(Operator):
 
     # ------------------------------------------------------------------ caching
     def keep_graphs(self, bytes_per_sample: float) -> bool:
-        """Whether to cache per-batch graphs of ``bytes_per_sample`` each (see ``cache``)."""
+        """Whether to cache per-batch graphs of ``bytes_per_sample`` each (see ``cache``).
+
+        Parameters
+        ----------
+        bytes_per_sample : float
+            The memory one sample's saved graph holds (measured by the backend).
+
+        Returns
+        -------
+        bool
+            ``cache`` itself when it is a bool; for ``"auto"``, whether the samples held
+            fit in ``CACHE_BUDGET_BYTES``.
+        """
         if self.cache != "auto":
             return bool(self.cache)
         return bytes_per_sample * self.local_num_samples <= CACHE_BUDGET_BYTES
