@@ -15,6 +15,7 @@ import torch
 from curvlab.errors import CurvlabWarning, InvalidInputError
 from curvlab.results import Eigenpairs, SpectralDensity
 from curvlab.rmt.laws import TW1_QUANTILE_99
+from curvlab.validation import check_choice, check_nonnegative, check_optional, check_positive
 
 __all__ = ["EDGE_STDERR_Z", "BulkFit", "detect_outliers", "fit_bulk_edge"]
 
@@ -306,12 +307,9 @@ def _unpack_density(eigenvalues, density, nodes, weights) -> tuple:
 
 
 def _check_options(model: str, tw_quantile: float, sigma: float | None) -> None:
-    if model not in _MODELS:
-        raise InvalidInputError(f"model must be one of {_MODELS}; got {model!r}")
-    if not (tw_quantile >= 0 and math.isfinite(tw_quantile)):
-        raise InvalidInputError(f"tw_quantile must be finite and >= 0; got {tw_quantile}")
-    if sigma is not None and not (sigma > 0 and math.isfinite(sigma)):
-        raise InvalidInputError(f"sigma must be finite and > 0; got {sigma}")
+    check_choice("model", model, _MODELS)
+    check_nonnegative("tw_quantile", tw_quantile)
+    check_optional(check_positive, "sigma", sigma, fix="or None to fit it")
 
 
 def _spectrum(eigenvalues, nodes, weights, size: int | None) -> _Spectrum:

@@ -10,6 +10,7 @@ import torch
 
 from curvlab._random import Seed, make_generator
 from curvlab.errors import InvalidInputError
+from curvlab.validation import check_int, check_nonnegative
 
 __all__ = ["goe", "spiked_wigner"]
 
@@ -23,8 +24,8 @@ def goe(
 ) -> torch.Tensor:
     """X = sigma (G + G^T) / sqrt(2P), G with iid N(0, 1) entries: off-diagonal variance
     sigma^2 / P, semicircle on [-2 sigma, 2 sigma] (DESIGN section 4)."""
-    if size < 1 or sigma < 0:
-        raise InvalidInputError(f"need size >= 1 and sigma >= 0; got {size}, {sigma}")
+    size = check_int("size", size, minimum=1)
+    sigma = check_nonnegative("sigma", sigma)
     gen = make_generator(seed, device)
     g = torch.randn(size, size, generator=gen, dtype=dtype, device=device)
     return sigma * (g + g.T) / math.sqrt(2 * size)
