@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from curvlab.errors import InvalidInputError
+from curvlab.validation import check_int
 
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
@@ -829,8 +830,7 @@ class IdentityOperator(Operator):
     def __init__(
         self, num_params: int, dtype: torch.dtype = torch.float32, device: Any = "cpu"
     ):
-        if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 1:
-            raise InvalidInputError(f"num_params must be a positive int, got {num_params!r}")
+        num_params = check_int("num_params", num_params, minimum=1)
         self.num_params, self.dtype, self.device = num_params, dtype, torch.device(device)
         self.n_matvecs = 0
 

@@ -20,6 +20,7 @@ import torch
 from curvlab import rmt
 from curvlab.errors import BackendUnavailableError, InvalidInputError
 from curvlab.results import Eigenpairs, SpectralDensity
+from curvlab.validation import check_int
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -157,8 +158,7 @@ def _check_options(density, eigenvalues, panels, bins: int) -> tuple[str, ...] |
         raise InvalidInputError(
             f"density must be a SpectralDensity from spectral_density(); got {type(density)}"
         )
-    if bins < 1:
-        raise InvalidInputError(f"bins must be >= 1; got {bins}")
+    check_int("bins", bins, minimum=1)
     if panels is None:
         return None
     panels = (panels,) if isinstance(panels, str) else tuple(panels)

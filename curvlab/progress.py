@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from curvlab.errors import InvalidInputError
+from curvlab.validation import check_bool, check_callable, check_optional
 
 T = TypeVar("T")
 
@@ -52,9 +52,7 @@ def show_bar(progress: bool | None) -> bool:
     """Resolve ``progress=``: None shows a bar only when stderr is interactive."""
     if progress is None:
         return bool(getattr(sys.stderr, "isatty", lambda: False)())
-    if not isinstance(progress, bool):
-        raise InvalidInputError(f"progress must be None, True or False, got {progress!r}")
-    return progress
+    return check_bool("progress", progress, allow_none=True)
 
 
 class Progress:
@@ -80,8 +78,7 @@ class Progress:
         progress: bool | None = None,
         callback: Callback | None = None,
     ):
-        if callback is not None and not callable(callback):
-            raise InvalidInputError(f"callback must be callable, got {type(callback).__name__}")
+        check_optional(check_callable, "callback", callback, what="a callable of a ProgressEvent")
         self.desc, self.total, self.done = desc, total, 0
         self.callback = callback
         self._bar = None
