@@ -70,27 +70,38 @@ def noise_variance(
 
     Parameters
     ----------
-    est : the estimator; its samples are the population the batches are drawn from.
-    batch_size : B, the batch whose curvature noise is wanted (the optimizer's batch).
-    n_probes : probe rounds (each costs one product per group); for ``source="diagonal"``
-        the number of jackknife folds behind the standard error.
-    method : "unbiased" (default) or "paper" (Algorithm 1 as printed; biased, see module).
-    subsample : an int draws that many samples at random (seeded, in random order), a 1-D
-        index tensor picks those samples (global indices over all ranks, in that order);
-        the estimate is formed on a sub-estimator that holds only them (built with the
-        estimator's class, data and the constructor options it stores as attributes).
-        S2 of a random subset is unbiased for the S2 of all samples.
-    group_size : g; 1 is per-sample, ``batch_size`` is the paper's per-batch route. For
-        g > 1 the groups are consecutive samples, so the data order must be random
-        (``subsample`` draws a random order); the standard error then covers the probes,
-        not the partition.
-    source : "matvec" (probes through ``group_matvecs``) or "diagonal" (per-sample
-        diagonals from ``est.per_sample_diagonal(kind)``, the BackPACK backend).
-    population : N in the factor 1/B - 1/N; default the estimator's ``num_samples``;
-        ``math.inf`` for batches drawn i.i.d. (factor 1/B).
-    seed : int or torch.Generator (on the estimator's device) for the probes and subsample.
-    progress, callback : a progress bar on stderr / a callback per block of probes (see
-        :mod:`curvlab.progress`).
+    est : CurvatureEstimator
+        The estimator; its samples are the population the batches are drawn from.
+    batch_size : int, default 128
+        B, the batch whose curvature noise is wanted (the optimizer's batch).
+    n_probes : int, default 10
+        Probe rounds (each costs one product per group); for ``source="diagonal"`` the
+        number of jackknife folds behind the standard error (at least 2).
+    method : {"unbiased", "paper"}, default "unbiased"
+        ``"paper"`` is Algorithm 1 as printed: biased (see the module docstring), kept for
+        comparison only.
+    subsample : int or torch.Tensor, optional
+        An int draws that many samples at random (seeded, in random order), a 1-D index
+        tensor picks those samples (global indices over all ranks, in that order); the
+        estimate is formed on ``est.subset(...)``, which holds only them. S2 of a random
+        subset is unbiased for the S2 of all samples. Default: all samples.
+    group_size : int, default 1
+        g; 1 is per-sample, ``batch_size`` is the paper's per-batch route. For g > 1 the
+        groups are consecutive samples, so the data order must be random (``subsample``
+        draws a random order); the standard error then covers the probes, not the
+        partition.
+    source : {"matvec", "diagonal"}, default "matvec"
+        Probes through ``group_matvecs``, or per-sample diagonals from
+        ``est.per_sample_diagonal(kind)`` (the BackPACK backend).
+    population : float, optional
+        N in the factor 1/B - 1/N; default the estimator's ``num_samples``; ``math.inf``
+        for batches drawn i.i.d. (factor 1/B).
+    seed : int or torch.Generator, default 0
+        The probes and the subsample (a generator on the estimator's device).
+    progress : bool, optional
+        Show a progress bar on stderr (default: only when stderr is a terminal).
+    callback : callable, optional
+        Called with a :class:`~curvlab.progress.ProgressEvent` after every block of probes.
 
     Returns
     -------
@@ -101,6 +112,39 @@ def noise_variance(
         groups' n samples are a draw from the population of N, so this covers which samples
         were drawn; it is 0 when the estimator holds the whole population, and the full
         jackknife for i.i.d. batches, ``population=math.inf``).
+
+    Raises
+    ------
+    InvalidInputError
+        For a bad option, a population smaller than ``batch_size``, or fewer than 2 groups.
+    UnsupportedCapabilityError
+        For ``source="diagonal"`` on a backend without per-sample diagonals, or for the
+        empirical Fisher there.
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022): eq. 15 (delta = P^-1 Tr X^2) and Algorithm 1.
+    B. Efron and C. Stein, "The jackknife estimate of variance", Ann. Statist. 9 (1981).
+
+    Examples
+    --------
+    A linear model under MSELoss has per-sample Hessians 2 x x^T (x with a 1 for the bias),
+    so the truth (1/B - 1/N) S2 is known in closed form:
+
+    >>> import torch, curvlab
+    >>> from curvlab.noise import noise_variance
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    >>> y = torch.randn(50, 1, generator=g, dtype=torch.float64)
+    >>> est = curvlab.estimator("autograd", torch.nn.Linear(3, 1).double(), torch.nn.MSELoss(),
+    ...                         (x, y))
+    >>> xa = torch.cat([x, torch.ones(50, 1, dtype=torch.float64)], dim=1)
+    >>> H_n = 2 * xa[:, :, None] * xa[:, None, :]
+    >>> S2 = float(((H_n - H_n.mean(0)) ** 2).sum() / (49 * 4))  # 1/(N-1) sum ||.||_F^2 / P
+    >>> noise = noise_variance(est, batch_size=10, n_probes=20, seed=0)
+    >>> abs(noise.value - (1 / 10 - 1 / 50) * S2) < 3 * noise.stderr
+    True
     """
     _check_args(est, batch_size, n_probes, method, group_size, source)
     n_pop = float(est.num_samples if population is None else population)
@@ -192,7 +236,35 @@ def _group_products(est, V: torch.Tensor, group_size: int) -> torch.Tensor:
 class ProbeStatistics:
     """Per probe row v of V, over all ranks' n groups with products u_i = H_i v:
     ``centred`` = sum_i d_i with d_i = ||u_i - u_bar||^2, ``spread`` = sum_i (d_i - d_bar)^2,
-    ``mean_sq`` = ||u_bar||^2, ``vu`` = v^T u_bar ([k] float64 on the CPU), and ``n_groups``."""
+    ``mean_sq`` = ||u_bar||^2, ``vu`` = v^T u_bar ([k] float64 on the CPU), and ``n_groups``.
+
+    Returned by :func:`probe_statistics`; s2 = centred / (n - 1) is the unbiased per-group
+    noise of the module docstring.
+
+    Attributes
+    ----------
+    centred : torch.Tensor
+        [k] sum_i ||u_i - u_bar||^2.
+    spread : torch.Tensor
+        [k] sum_i (d_i - d_bar)^2, for the jackknife of :meth:`group_variance`.
+    mean_sq : torch.Tensor
+        [k] ||u_bar||^2.
+    vu : torch.Tensor
+        [k] v^T u_bar (an estimate of P^-1 Tr H for unit v).
+    n_groups : int
+        n, the groups over all ranks.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.noise import probe_statistics
+    >>> from curvlab.shrinkage.synthetic import PerSampleMatrices
+    >>> M = torch.stack([torch.eye(2, dtype=torch.float64) * c for c in (1.0, 2.0, 3.0)])
+    >>> stats = probe_statistics(PerSampleMatrices(M), torch.tensor([[1.0, 0.0]],
+    ...                                                            dtype=torch.float64))
+    >>> stats.centred, stats.vu, stats.n_groups  # u_i = (c_i, 0): centred = 1 + 0 + 1
+    (tensor([2.], dtype=torch.float64), tensor([2.], dtype=torch.float64), 3)
+    """
 
     centred: torch.Tensor
     spread: torch.Tensor
@@ -227,6 +299,30 @@ def probe_statistics(
     the centred squared norms, which stays accurate when the mean product dominates the
     spread. ``est`` needs ``group_matvecs``, ``num_samples``, ``num_params``, ``n_matvecs``
     and (optionally) ``distributed``.
+
+    Parameters
+    ----------
+    est : CurvatureEstimator or estimator-like
+        Anything with the attributes above (e.g.
+        :class:`~curvlab.shrinkage.synthetic.PerSampleMatrices`).
+    V : torch.Tensor
+        [k, P] probes, one per row.
+    group_size : int, default 1
+        Samples per group.
+    progress : bool, optional
+        Show a progress bar on stderr (default: only when stderr is a terminal).
+    callback : callable, optional
+        Called with a :class:`~curvlab.progress.ProgressEvent` after every block of probes.
+
+    Returns
+    -------
+    ProbeStatistics
+        The per-probe sums over all groups (float64, CPU).
+
+    Raises
+    ------
+    InvalidInputError
+        When fewer than 2 groups of ``group_size`` samples exist.
     """
     shared = getattr(est, "distributed", False)
     parts: list[tuple[torch.Tensor, ...]] = []
@@ -271,7 +367,31 @@ def subsample_estimator(
     subsample: int | torch.Tensor,
     generator: torch.Generator | None = None,
 ) -> CurvatureEstimator:
-    """``est.subset`` of the given global indices, or of a count drawn with ``generator``."""
+    """``est.subset`` of the given global indices, or of a count drawn with ``generator``.
+
+    Parameters
+    ----------
+    est : CurvatureEstimator
+        The estimator to subsample.
+    subsample : int or torch.Tensor
+        A count of samples to draw at random (in random order), or 1-D global indices.
+    generator : torch.Generator, optional
+        The draw's generator (default: seeded with 0).
+
+    Returns
+    -------
+    CurvatureEstimator
+        A new estimator holding only those samples.
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> from curvlab.noise import subsample_estimator
+    >>> est = curvlab.estimator("autograd", torch.nn.Linear(2, 1), torch.nn.MSELoss(),
+    ...                         (torch.randn(20, 2), torch.randn(20, 1)))
+    >>> subsample_estimator(est, 5).num_samples
+    5
+    """
     if isinstance(subsample, torch.Tensor):
         return est.subset(subsample)
     return est.subset(draw_subsample(est.num_samples, subsample, generator or make_generator(0)))
