@@ -25,10 +25,11 @@ from torch.func import grad, jvp, vjp, vmap
 
 from curvlab._params import flatten, unflatten
 from curvlab._random import make_generator
-from curvlab.errors import CurvlabWarning, InvalidInputError, UnsupportedModelError
+from curvlab.errors import CurvlabWarning, UnsupportedModelError
 from curvlab.estimator import CurvatureEstimator, finite_or_raise, graph_bytes
 from curvlab.losses import LIKELIHOOD_LOSSES, sample_residuals
 from curvlab.model_view import MaskTape
+from curvlab.validation import check_bool, check_choice, check_int
 
 
 def _grad(outputs, inputs, grad_outputs=None, create_graph=False):
@@ -103,14 +104,10 @@ class AutogradEstimator(CurvatureEstimator):
             model, loss_fn, data, curvature, params,
             mode=mode, seed=seed, cache=cache, distributed=distributed,
         )
-        if fisher_type not in ("type-2", "mc"):
-            raise InvalidInputError(f"fisher_type must be 'type-2' or 'mc', got {fisher_type!r}")
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise InvalidInputError(f"mc_samples must be a positive int, got {mc_samples!r}")
-        if vectorize not in (None, True, False):
-            raise InvalidInputError(f"vectorize must be None, True or False, got {vectorize!r}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise InvalidInputError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_choice("fisher_type", fisher_type, ("type-2", "mc"))
+        mc_samples = check_int("mc_samples", mc_samples, minimum=1)
+        check_bool("vectorize", vectorize, allow_none=True)
+        chunk_size = check_int("chunk_size", chunk_size, minimum=1)
         self.kind = self.loss.kind
         if curvature == "fisher" and (self.kind is None or self.sample_scale != 1.0):
             raise UnsupportedModelError(

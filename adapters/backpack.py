@@ -51,13 +51,13 @@ from curvlab import distributed as dist
 from curvlab._params import flatten, unflatten
 from curvlab._random import Seed
 from curvlab.errors import (
-    InvalidInputError,
     UnsupportedCapabilityError,
     UnsupportedModelError,
 )
 from curvlab.estimator import CurvatureEstimator, graph_bytes
 from curvlab.losses import LIKELIHOOD_LOSSES
 from curvlab.model_view import hook_free_copy, no_global_hooks, seeded_rng
+from curvlab.validation import check_choice, check_int
 
 _ALTERNATIVE = "use backend 'autograd', which handles any differentiable model and loss"
 _DIAGONAL_KINDS = {
@@ -161,10 +161,8 @@ class BackpackEstimator(CurvatureEstimator):
             model, loss_fn, data, curvature, params,
             mode=mode, seed=seed, cache=cache, distributed=distributed,
         )
-        if fisher_type not in ("type-2", "mc"):
-            raise InvalidInputError(f"fisher_type must be 'type-2' or 'mc', got {fisher_type!r}")
-        if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-            raise InvalidInputError(f"mc_samples must be a positive int, got {mc_samples!r}")
+        check_choice("fisher_type", fisher_type, ("type-2", "mc"))
+        mc_samples = check_int("mc_samples", mc_samples, minimum=1)
         if self.loss.kind is None or self.sample_scale != 1.0:
             raise UnsupportedModelError(
                 f"BackPACK's extensions support only {LIKELIHOOD_LOSSES} modules with [N, C] "
@@ -432,10 +430,7 @@ class BackpackEstimator(CurvatureEstimator):
         Their mean is the diagonal of the mean loss's curvature. "ggn_mc" draws
         ``mc_samples`` labels per sample from the seeded predictive.
         """
-        if kind not in _DIAGONAL_KINDS:
-            raise InvalidInputError(
-                f"kind must be one of {', '.join(_DIAGONAL_KINDS)}, got {kind!r}"
-            )
+        check_choice("kind", kind, _DIAGONAL_KINDS)
         cls = _DIAGONAL_KINDS[kind]
         make = (lambda: cls(self.mc_samples)) if kind == "ggn_mc" else cls
         return self._per_sample(make)
@@ -450,10 +445,7 @@ class BackpackEstimator(CurvatureEstimator):
         BackPACK builds MSELoss's summed output Hessian (KFLR, KFRA) in float32, so those
         factors carry float32 rounding; they are returned in the parameters' dtype.
         """
-        if kind not in _KRONECKER_KINDS:
-            raise InvalidInputError(
-                f"kind must be one of {', '.join(_KRONECKER_KINDS)}, got {kind!r}"
-            )
+        check_choice("kind", kind, _KRONECKER_KINDS)
         cls = _KRONECKER_KINDS[kind]
         make = (lambda: cls(self.mc_samples)) if kind == "kfac" else cls
         runs = self._run(make)

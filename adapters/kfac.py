@@ -63,6 +63,7 @@ from curvlab.kronecker import (
 )
 from curvlab.losses import LIKELIHOOD_LOSSES, LossSpec
 from curvlab.model_view import no_global_hooks, seeded_rng
+from curvlab.validation import check_choice, check_int, check_nonnegative
 
 FISHER_TYPES = ("type-2", "mc", "empirical")
 _HOOK_DICTS = (
@@ -293,22 +294,14 @@ class KFACEstimator(CurvatureEstimator):
                 "the 'kfac' backend computes factors on one process (curvlinops has no "
                 "torch.distributed support); pass distributed=False or use 'autograd'"
             )
-        if approximation not in ("kfac", "ekfac"):
-            raise InvalidInputError(
-                f"approximation must be 'kfac' or 'ekfac', got {approximation!r}"
-            )
-        if kfac_approx not in ("expand", "reduce"):
-            raise InvalidInputError(
-                f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}"
-            )
-        if fisher_type not in ("type-2", "mc"):
-            raise InvalidInputError(f"fisher_type must be 'type-2' or 'mc', got {fisher_type!r}")
+        check_choice("approximation", approximation, ("kfac", "ekfac"))
+        check_choice("kfac_approx", kfac_approx, ("expand", "reduce"))
+        check_choice("fisher_type", fisher_type, ("type-2", "mc"))
         if fisher_type == "mc" and curvature != "fisher":
             raise InvalidInputError(
                 "fisher_type='mc' is a Monte-Carlo Fisher: use curvature='fisher'"
             )
-        if not isinstance(mc_samples, int) or mc_samples < 1:
-            raise InvalidInputError(f"mc_samples must be a positive int, got {mc_samples!r}")
+        mc_samples = check_int("mc_samples", mc_samples, minimum=1)
         if mc_samples != 1 and fisher_type != "mc":
             raise InvalidInputError("mc_samples applies to fisher_type='mc' only")
         if self.loss.kind is None or self.sample_scale != 1.0:
@@ -462,9 +455,7 @@ class KFACEstimator(CurvatureEstimator):
 
 
 def _check_damping(damping) -> float:
-    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or damping < 0:
-        raise InvalidInputError(f"damping must be a float >= 0, got {damping!r}")
-    return float(damping)
+    return check_nonnegative("damping", damping)
 
 
 # ---------------------------------------------------------------------- curvlinops' inverse

@@ -50,6 +50,7 @@ from curvlab.errors import InvalidInputError, UnsupportedModelError
 from curvlab.estimator import CurvatureEstimator, graph_bytes
 from curvlab.model_view import no_global_hooks
 from curvlab.results import Eigenpairs, Estimate, SpectralDensity
+from curvlab.validation import check_int, check_positive
 
 
 class _PyHessianModel(nn.Module):
@@ -188,12 +189,9 @@ class PyHessianEstimator(CurvatureEstimator):
         (PyHessian's rule). Vectors are PyHessian's (the normalised last product); residuals
         are ||H v - lambda v|| of the last Rayleigh pair (no extra products).
         """
-        if not isinstance(top_n, int) or not 1 <= top_n <= self.num_params:
-            raise InvalidInputError(
-                f"top_n must be an int in [1, {self.num_params}], got {top_n!r}"
-            )
-        if maxIter < 1 or tol <= 0:
-            raise InvalidInputError("maxIter must be >= 1 and tol > 0")
+        top_n = check_int("top_n", top_n, minimum=1, maximum=self.num_params)
+        maxIter = check_int("maxIter", maxIter, minimum=1)
+        tol = check_positive("tol", tol)
         gen = make_generator(seed, self.device)
         start = self.n_matvecs
         values, vectors, residuals, converged = [], [], [], True
@@ -272,13 +270,9 @@ class PyHessianEstimator(CurvatureEstimator):
         of variance sigma_squared * max(1, range) on ``num_bins`` points spanning the mean
         extreme nodes +- ``overhead``, normalised to integrate to one.
         """
-        if not isinstance(iter, int) or not 1 <= iter <= self.num_params:
-            raise InvalidInputError(
-                f"iter must be an int in [1, num_params={self.num_params}] (Lanczos cannot "
-                f"take more steps than the dimension), got {iter!r}"
-            )
-        if not isinstance(n_v, int) or n_v < 1:
-            raise InvalidInputError(f"n_v must be a positive int, got {n_v!r}")
+        iter = check_int("iter", iter, minimum=1, maximum=self.num_params,
+                         fix="Lanczos cannot take more steps than the dimension num_params")
+        n_v = check_int("n_v", n_v, minimum=1)
         gen = make_generator(seed, self.device)
         starts = rademacher(
             (self.num_params, n_v), generator=gen, dtype=self.dtype, device=self.device
