@@ -81,11 +81,24 @@ class BackendSpec:
     description: str
 
     def available(self) -> bool:
-        """Whether every package in ``requires`` can be imported (nothing is imported)."""
+        """Whether every package in ``requires`` can be imported (nothing is imported).
+
+        Returns
+        -------
+        bool
+            True when ``importlib.util.find_spec`` finds each required package.
+        """
         return all(importlib.util.find_spec(mod) is not None for mod in self.requires)
 
     def info(self) -> BackendInfo:
-        """The user-facing summary: availability, and the extra and hint when missing."""
+        """The user-facing summary: availability, and the extra and hint when missing.
+
+        Returns
+        -------
+        BackendInfo
+            What :func:`backends` reports for this backend (``extra`` and
+            ``install_hint`` are None when it is available).
+        """
         ok = self.available()
         return BackendInfo(
             name=self.name,
@@ -111,6 +124,26 @@ def register(spec: BackendSpec) -> None:
     ----------
     spec : BackendSpec
         The backend's name, adapter target, requirements and capabilities.
+
+    Examples
+    --------
+    A third-party backend is a ``CurvatureEstimator`` subclass in its own package and one
+    spec; ``register(spec)`` then makes ``curvlab.estimator("my-backend", ...)`` import
+    the class on first use (until then nothing of it is imported):
+
+    >>> from curvlab.registry import BackendSpec
+    >>> spec = BackendSpec(
+    ...     name="my-backend",
+    ...     target="my_package.curvature:MyEstimator",
+    ...     requires=("my_package",),
+    ...     extra=None,
+    ...     install_hint="pip install my-package",
+    ...     curvatures=frozenset({"hessian"}),
+    ...     capabilities=frozenset({"matvec"}),
+    ...     description="my package's Hessian products",
+    ... )
+    >>> spec.info().available, spec.info().install_hint
+    (False, 'pip install my-package')
     """
     _REGISTRY[spec.name] = spec
 
@@ -215,10 +248,26 @@ def backends() -> dict[str, BackendInfo]:
 def get_spec(name: str) -> BackendSpec:
     """The :class:`BackendSpec` registered as ``name``.
 
+    Parameters
+    ----------
+    name : str
+        A registered backend name.
+
+    Returns
+    -------
+    BackendSpec
+        Its spec (nothing is imported).
+
     Raises
     ------
     InvalidInputError
         No backend of that name; the message lists the registered ones.
+
+    Examples
+    --------
+    >>> from curvlab.registry import get_spec
+    >>> sorted(get_spec("kfac").curvatures)
+    ['ef', 'fisher', 'ggn']
     """
     if not isinstance(name, str) or name not in _REGISTRY:
         raise InvalidInputError(
@@ -230,6 +279,16 @@ def get_spec(name: str) -> BackendSpec:
 def resolve(name: str) -> type[CurvatureEstimator]:
     """The adapter class behind ``name``, importing it (and its package) only now.
 
+    Parameters
+    ----------
+    name : str
+        A registered backend name.
+
+    Returns
+    -------
+    type
+        The ``CurvatureEstimator`` subclass named by the spec's ``target``.
+
     Raises
     ------
     InvalidInputError
@@ -238,6 +297,12 @@ def resolve(name: str) -> type[CurvatureEstimator]:
         The name is an integration, not an estimator backend.
     BackendUnavailableError
         A required package is missing; the message says how to install it.
+
+    Examples
+    --------
+    >>> from curvlab.registry import resolve
+    >>> resolve("autograd").__name__
+    'AutogradEstimator'
     """
     spec = get_spec(name)
     if not spec.target:
@@ -282,8 +347,17 @@ def estimator(
         support.
     params : iterable of torch.Tensor or None, default None
         The parameters to differentiate (default: those with ``requires_grad``).
-    **options
-        Backend-specific options, passed to the adapter class.
+    **options : Any
+        Keyword options of the adapter class. Every backend takes ``mode`` (None, "train"
+        or "eval"; default None: the model's own flags), ``seed`` (int or
+        torch.Generator, default 0: dropout masks and Monte-Carlo draws), ``cache`` (True,
+        False or "auto", default "auto") and ``distributed`` (bool, default: when
+        ``torch.distributed`` is initialised); see
+        :class:`~curvlab.CurvatureEstimator`. Backend-specific ones: ``fisher_type``,
+        ``mc_samples``, ``vectorize``, ``chunk_size`` (autograd); ``fisher_type``,
+        ``mc_samples``, ``use_converter`` (backpack); ``approximation``, ``fisher_type``,
+        ``mc_samples``, ``kfac_approx``, ``separate_weight_and_bias`` (kfac). An unknown
+        option is a ``TypeError`` of the adapter class.
 
     Returns
     -------
@@ -299,6 +373,11 @@ def estimator(
         The backend does not compute that curvature; the message names those that do.
     BackendUnavailableError
         The backend's package is missing; the message says how to install it.
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022) (the curvature whose noise sets the damping).
 
     Examples
     --------
@@ -325,7 +404,20 @@ def estimator(
 
 
 def capability_table() -> str:
-    """The README's backends x capabilities table (Markdown), generated from the specs."""
+    """The README's backends x capabilities table (Markdown), generated from the specs.
+
+    Returns
+    -------
+    str
+        A Markdown table: one row per backend (sorted by name), its extra, a column per
+        curvature and per capability.
+
+    Examples
+    --------
+    >>> from curvlab.registry import capability_table
+    >>> capability_table().splitlines()[0][:42]
+    '| backend | extra | hessian | ggn | fisher'
+    """
     caps = sorted({c for spec in _REGISTRY.values() for c in spec.capabilities})
     header = ["backend", "extra", *CURVATURES, *caps]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
