@@ -113,7 +113,17 @@ class OAS(LinearShrinkage):
 
     Parameters
     ----------
-    store_precision, assume_centered, exact, n_probes, probe_batch, seed
+    store_precision : bool, default True
+        As for :class:`LedoitWolf`.
+    assume_centered : bool, default False
+        As for :class:`LedoitWolf`.
+    exact : bool or None, default None
+        As for :class:`LedoitWolf`.
+    n_probes : int, default 30
+        As for :class:`LedoitWolf`.
+    probe_batch : int, default 1
+        As for :class:`LedoitWolf`.
+    seed : int or torch.Generator, default 0
         As for :class:`LedoitWolf`.
 
     Attributes
@@ -165,12 +175,32 @@ class ShrunkCovariance(LinearShrinkage):
 
     Parameters
     ----------
-    store_precision, assume_centered : bool
+    store_precision : bool, default True
+        As for :class:`LedoitWolf`.
+    assume_centered : bool, default False
         As for :class:`LedoitWolf`.
     shrinkage : float, default 0.1
         rho in [0, 1].
-    exact, n_probes, probe_batch, seed
+    exact : bool or None, default None
         For estimators: how tr S is obtained (as for :class:`LedoitWolf`).
+    n_probes : int, default 30
+        As for :class:`LedoitWolf`.
+    probe_batch : int, default 1
+        As for :class:`LedoitWolf`.
+    seed : int or torch.Generator, default 0
+        As for :class:`LedoitWolf`.
+
+    Attributes
+    ----------
+    shrinkage_, target_scale_, damping_ : float
+        rho, mu = tr S / p and delta = mu rho / (1 - rho).
+    covariance_, precision_, location_ : array or tensor
+        Explicit inputs only, as for :class:`LedoitWolf`.
+
+    References
+    ----------
+    F. Pedregosa et al., "Scikit-learn: machine learning in Python", JMLR 12 (2011)
+    (``sklearn.covariance.ShrunkCovariance``, which this class matches).
 
     Examples
     --------
@@ -216,12 +246,44 @@ class RMTLinear(LinearShrinkage):
     ----------
     batch_size : int or None, default None
         B (see above).
-    store_precision, assume_centered, exact, n_probes, probe_batch, seed
+    store_precision : bool, default True
         As for :class:`LedoitWolf`.
-    method, subsample : str, int or None
+    assume_centered : bool, default False
+        As for :class:`LedoitWolf`.
+    exact : bool or None, default None
+        As for :class:`LedoitWolf`.
+    n_probes : int, default 30
+        As for :class:`LedoitWolf`; also ``noise_variance``'s probes when ``batch_size``
+        is set on an estimator.
+    probe_batch : int, default 1
+        As for :class:`LedoitWolf`.
+    method : {"unbiased", "paper"}, default "unbiased"
         Passed to ``noise_variance`` when ``batch_size`` is set on an estimator.
+    subsample : int or None, default None
+        Passed to ``noise_variance`` when ``batch_size`` is set on an estimator.
+    seed : int or torch.Generator, default 0
+        Seeds the probes (and the subsample).
 
-    ``noise_variance_`` and ``damping_`` are delta. At least 2 samples are needed.
+    Attributes
+    ----------
+    shrinkage_, target_scale_, shrinkage_stderr_ : float
+        rho = delta / (1 + delta), 1.0, and the standard error of rho.
+    noise_variance_, damping_ : float
+        delta.
+    noise_estimate_ : NoiseEstimate
+        The estimate behind delta (only with ``batch_size`` on an estimator).
+    covariance_, precision_, location_ : array or tensor
+        Explicit inputs only, as for :class:`LedoitWolf`.
+
+    Notes
+    -----
+    At least 2 samples are needed (the dispersion has n - 1 degrees of freedom).
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022): damping as linear shrinkage (eq. 13) and the
+    optimal damping delta = P^-1 Tr X^2 (eq. 15).
 
     Examples
     --------
@@ -249,6 +311,21 @@ class RMTLinear(LinearShrinkage):
         self.seed = seed
 
     def fit(self, X: Any, y: Any = None) -> RMTLinear:
+        """Estimate delta from the samples (or the estimator) ``X`` and shrink toward I.
+
+        Parameters
+        ----------
+        X : array, tensor, CurvatureEstimator or operator
+            Vector samples [n, p], per-sample matrices [n, p, p], or a curvature estimator
+            (see :meth:`~curvlab.shrinkage.base.LinearShrinkage.fit`).
+        y : None
+            Ignored (scikit-learn compatibility).
+
+        Returns
+        -------
+        RMTLinear
+            ``self``, fitted.
+        """
         self._noise = None
         if self.batch_size is not None and isinstance(X, CurvatureEstimator):
             from curvlab.noise import noise_variance
@@ -297,8 +374,21 @@ class FixedShrinkage(LinearShrinkage):
         delta >= 0, the same as rho = delta / (target_scale + delta).
     target_scale : float, default 1.0
         tau > 0.
-    store_precision, assume_centered : bool
+    store_precision : bool, default True
         As for :class:`LedoitWolf`.
+    assume_centered : bool, default False
+        As for :class:`LedoitWolf`.
+
+    Attributes
+    ----------
+    shrinkage_, target_scale_, damping_ : float
+        rho, tau and delta = tau rho / (1 - rho).
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), eq. 13: a damped step with delta equals a step
+    with the shrunk matrix (1 - rho) H + rho tau I, rho = delta / (tau + delta).
 
     Examples
     --------
