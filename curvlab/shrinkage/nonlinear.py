@@ -56,14 +56,55 @@ from curvlab.validation import check_int, check_nonnegative
 
 
 def noise_of_mean(stats) -> float:
-    """sigma^2 = s2 / n, s2 = sum_k ||M_k - S||^2 / ((n - 1) p): the noise of the mean S."""
+    """sigma^2 = s2 / n, s2 = sum_k ||M_k - S||^2 / ((n - 1) p): the noise of the mean S.
+
+    Parameters
+    ----------
+    stats : TraceStats
+        The trace statistics of n per-sample matrices (``curvlab.shrinkage._traces``).
+
+    Returns
+    -------
+    float
+        sigma^2 >= 0, the paper's delta for the mean of the n samples.
+
+    Raises
+    ------
+    InvalidInputError
+        With fewer than 2 samples.
+    """
     if stats.n < 2:
         raise InvalidInputError("estimating the noise needs at least 2 samples")
     return max(stats.mean("dispersion") / ((stats.n - 1) * stats.p) / stats.n, 0.0)
 
 
 def eigenvector_oracle(estimate: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """The best matrix with ``estimate``'s eigenvectors: V diag(v_i^T C v_i) V^T (Frobenius)."""
+    """The best matrix with ``estimate``'s eigenvectors: V diag(v_i^T C v_i) V^T (Frobenius).
+
+    The oracle bound of every rotation-invariant estimator (Bun, Bouchaud & Potters 2017):
+    no estimator that keeps the eigenvectors of ``estimate`` gets closer to ``truth``.
+
+    Parameters
+    ----------
+    estimate : torch.Tensor
+        [p, p] symmetric estimate M.
+    truth : torch.Tensor
+        [p, p] the true matrix C.
+
+    Returns
+    -------
+    torch.Tensor
+        [p, p] the oracle V diag(v_i^T C v_i) V^T.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.shrinkage.nonlinear import eigenvector_oracle
+    >>> C = torch.diag(torch.tensor([3.0, 1.0], dtype=torch.float64))
+    >>> eigenvector_oracle(C + 0.1 * torch.eye(2, dtype=torch.float64), C)  # same eigenvectors
+    tensor([[3., 0.],
+            [0., 1.]], dtype=torch.float64)
+    """
     _, V = torch.linalg.eigh(estimate)
     xi = ((truth @ V) * V).sum(dim=0)
     return (V * xi) @ V.T
@@ -101,11 +142,13 @@ class _SpectralCleaning(BaseShrinkage):
         ----------
         X : array-like, torch.Tensor, Eigenpairs, (values, vectors) or operator
             See the module docstring.
-        y : ignored
+        y : None
+            Ignored (scikit-learn compatibility).
 
         Returns
         -------
-        self
+        EigenvalueClipping or RotationInvariant
+            ``self``, fitted.
         """
         self._reset()
         noise = self.noise_variance
@@ -201,7 +244,25 @@ class _SpectralCleaning(BaseShrinkage):
         self._rep = Eigen(vectors, cleaned.to(vectors.dtype), self.bulk_value_)
 
     def solve(self, v, **options):
-        """The cleaned matrix's inverse times v (every cleaned value must be nonzero)."""
+        """The cleaned matrix's inverse times v (every cleaned value must be nonzero).
+
+        Parameters
+        ----------
+        v : array or torch.Tensor
+            [p] or [p, k].
+        **options : Any
+            Passed to :meth:`~curvlab.shrinkage.base.BaseShrinkage.solve`.
+
+        Returns
+        -------
+        array or torch.Tensor
+            The solution, with the shape (and numpy/torch type) of ``v``.
+
+        Raises
+        ------
+        NumericalError
+            When a cleaned eigenvalue is zero or not finite.
+        """
         self._check_fitted()
         rep = self._rep
         if isinstance(rep, Eigen):
@@ -216,10 +277,39 @@ class EigenvalueClipping(_SpectralCleaning):
 
     Parameters
     ----------
-    model : "semicircle" (additive noise, Hessians) or "marchenko-pastur" (sample covariances).
-    tw_quantile : Tracy–Widom quantile of the edge margin (``curvlab.rmt.fit_bulk_edge``).
-    k, n_probes, n_steps, which, seed : matrix-free form (top-k Lanczos + SLQ), see module.
-    Extra fitted attributes: ``edge_`` (left, right bulk edges), ``n_outliers_``.
+    model : {"semicircle", "marchenko-pastur"}, default "semicircle"
+        The bulk's law: additive noise (Hessians) or sample covariances.
+    tw_quantile : float or None, default None
+        Tracy–Widom quantile of the edge margin (``curvlab.rmt.fit_bulk_edge``; None: the
+        99% quantile ``curvlab.rmt.TW1_QUANTILE_99``).
+    k : int or None, default None
+        Matrix-free form: clean the top-k Lanczos eigenpairs of an operator (see module).
+    n_probes : int, default 30
+        SLQ probes of the matrix-free form.
+    n_steps : int, default 80
+        Lanczos steps per SLQ probe.
+    which : {"largest", "smallest", "both"}, default "largest"
+        Which k eigenpairs the matrix-free form computes.
+    seed : int or torch.Generator, default 0
+        Seeds the Lanczos start and the probes.
+
+    Attributes
+    ----------
+    eigenvalues_, raw_eigenvalues_, eigenvectors_, bulk_value_ : tensor or array
+        See the module docstring.
+    edge_ : tuple of float
+        The fitted (left, right) bulk edges.
+    n_outliers_ : int
+        Eigenvalues outside the bulk (kept as they are).
+    noise_variance_ : float or None
+        sigma^2 of the fitted semicircle (None for Marchenko–Pastur).
+
+    References
+    ----------
+    J. Bun, J.-P. Bouchaud and M. Potters, "Cleaning large correlation matrices: tools from
+    random matrix theory", Phys. Rep. 666 (2017) (eigenvalue clipping). C. A. Tracy and
+    H. Widom, "On orthogonal and symplectic matrix ensembles", Commun. Math. Phys. 177
+    (1996) (the edge margin).
 
     Examples
     --------
@@ -275,8 +365,16 @@ class RotationInvariant(_SpectralCleaning):
         inputs, shared probes for estimators, else the semicircle bulk fit).
     eta : float or None, default None
         Imaginary offset; None gives sqrt(sigma^2 / P).
-    k, n_probes, n_steps, which, seed
-        Matrix-free form (top-k Lanczos + SLQ), see module.
+    k : int or None, default None
+        Matrix-free form: clean the top-k Lanczos eigenpairs of an operator (see module).
+    n_probes : int, default 30
+        SLQ probes (and noise probes) of the matrix-free form.
+    n_steps : int, default 80
+        Lanczos steps per SLQ probe.
+    which : {"largest", "smallest", "both"}, default "largest"
+        Which k eigenpairs the matrix-free form computes.
+    seed : int or torch.Generator, default 0
+        Seeds the Lanczos start and the probes.
     check_model : bool, default True
         Check the additive-noise model (module docstring) and, when it fails, warn with a
         :class:`~curvlab.errors.CurvlabWarning` and keep the candidate with the best
@@ -296,6 +394,13 @@ class RotationInvariant(_SpectralCleaning):
     heldout_gains_ : dict
         name -> (mean held-out gain over the raw estimate, its standard error), when a
         held-out choice was made.
+
+    References
+    ----------
+    J. Bun, J.-P. Bouchaud and M. Potters, "Cleaning large correlation matrices: tools from
+    random matrix theory", Phys. Rep. 666 (2017) (the additive-noise RIE).
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022) (sigma^2 = P^-1 Tr X^2, the paper's delta).
 
     Examples
     --------
