@@ -35,7 +35,43 @@ class BulkFit:
     ``edge_stderr`` is the standard error of the edges from the quadrature's probe-to-probe
     spread (0 for an exact spectrum). ``outliers`` (descending, float64) are the given
     eigenvalues above ``upper`` or below ``lower``, the edges widened by the Tracy-Widom
-    margin plus ``EDGE_STDERR_Z`` standard errors.
+    margin plus ``EDGE_STDERR_Z`` standard errors. Returned by :func:`fit_bulk_edge`.
+
+    Attributes
+    ----------
+    edge_left, edge_right : float
+        The fitted bulk's edges (semicircle: center -+ 2 sigma).
+    center : float
+        The bulk's centre (mean).
+    sigma : float
+        The bulk's noise scale (semicircle: sigma^2 = P^-1 Tr X^2).
+    tracy_widom_margin : float
+        ``tw_quantile`` x the edge fluctuation scale (sigma P^-2/3 for the semicircle).
+    edge_stderr : float
+        Standard error of the edges from the quadrature's probes (0 for a full spectrum).
+    outliers : torch.Tensor
+        The flagged eigenvalues, descending, float64.
+    n_outliers : int
+        Their number.
+    size : int
+        P, the size of the spectrum.
+    method : str
+        ``"semicircle"`` or ``"marchenko-pastur"``.
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), section 4 and Fig. 2a. C. A. Tracy and H. Widom,
+    "On orthogonal and symplectic matrix ensembles", Commun. Math. Phys. 177 (1996).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.rmt import fit_bulk_edge, spiked_wigner
+    >>> M, _ = spiked_wigner(400, spikes=[5.0], sigma=1.0, seed=0)
+    >>> fit = fit_bulk_edge(torch.linalg.eigvalsh(M))
+    >>> fit.n_outliers, round(fit.edge_right, 1), round(fit.sigma, 2), fit.bulk_fraction
+    (1, 2.0, 1.0, 0.9975)
     """
 
     edge_left: float
@@ -222,6 +258,64 @@ def fit_bulk_edge(
     from the probes' spread (``edge_stderr``, needs n_probes >= 2) and added to the margin,
     so eigenvalues that close to the edge are not counted. A semicircle fit centres the bulk
     at its mean.
+
+    Parameters
+    ----------
+    eigenvalues : array, tensor, Eigenpairs or SpectralDensity, optional
+        The full spectrum, or a few extreme eigenvalues (with a density); a
+        SpectralDensity given here is taken as ``density``.
+    density : SpectralDensity, optional
+        The quadrature of ``spectral_density`` (matrix-free fits).
+    nodes : array or tensor, optional
+        Quadrature nodes [n_probes, n_steps] instead of ``density``.
+    weights : array or tensor, optional
+        Their weights.
+    size : int, optional
+        P; required with a quadrature, optional (must equal P) with a full spectrum.
+    model : {"semicircle", "marchenko-pastur"}, default "semicircle"
+        The bulk's law.
+    tw_quantile : float, default TW1_QUANTILE_99 (2.0234)
+        Tracy–Widom quantile of the edge margin (0: no margin).
+    sigma : float, optional
+        A known noise scale (e.g. sqrt of ``est.noise_variance(...).value``); only the
+        centre is fitted then.
+
+    Returns
+    -------
+    BulkFit
+        Edges, centre, scale, margins and the outliers.
+
+    Raises
+    ------
+    InvalidInputError
+        For inconsistent inputs, a spectrum below size 3, or when over half of it is
+        flagged (no semicircle-like bulk).
+
+    Warns
+    -----
+    CurvlabWarning
+        When every given eigenvalue of a partial spectrum is an outlier (there may be more).
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), section 4. J. Baik, G. Ben Arous and S. Péché,
+    "Phase transition of the largest eigenvalue for nonnull complex sample covariance
+    matrices", Ann. Probab. 33(5) (2005). C. A. Tracy and H. Widom, "On orthogonal and
+    symplectic matrix ensembles", Commun. Math. Phys. 177 (1996). I. M. Johnstone, "On the
+    distribution of the largest eigenvalue in principal components analysis", Ann. Statist.
+    29(2) (2001).
+
+    Examples
+    --------
+    A spike of 5 in unit Wigner noise sits at 5 + 1/5 (BBP), far beyond the edge 2:
+
+    >>> import torch
+    >>> from curvlab.rmt import fit_bulk_edge, spiked_wigner
+    >>> M, _ = spiked_wigner(400, spikes=[5.0], sigma=1.0, seed=0)
+    >>> fit = fit_bulk_edge(torch.linalg.eigvalsh(M))
+    >>> fit.n_outliers, round(float(fit.outliers[0]), 1), round(fit.edge_right, 1)
+    (1, 5.1, 2.0)
     """
     eigenvalues, nodes, weights = _unpack_density(eigenvalues, density, nodes, weights)
     _check_options(model, tw_quantile, sigma)
@@ -389,5 +483,27 @@ def _fit_edges(
 
 
 def detect_outliers(eigenvalues=None, **kwargs) -> torch.Tensor:
-    """The outliers of :func:`fit_bulk_edge` (same arguments), descending."""
+    """The outliers of :func:`fit_bulk_edge` (same arguments), descending.
+
+    Parameters
+    ----------
+    eigenvalues : array, tensor, Eigenpairs or SpectralDensity, optional
+        As for :func:`fit_bulk_edge`.
+    **kwargs : Any
+        The other options of :func:`fit_bulk_edge` (``density``, ``size``, ``model``,
+        ``tw_quantile``, ``sigma``, ...).
+
+    Returns
+    -------
+    torch.Tensor
+        ``fit_bulk_edge(eigenvalues, **kwargs).outliers`` (float64, descending).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.rmt import detect_outliers, spiked_wigner
+    >>> M, _ = spiked_wigner(400, spikes=[5.0], sigma=1.0, seed=0)
+    >>> detect_outliers(torch.linalg.eigvalsh(M)).shape
+    torch.Size([1])
+    """
     return fit_bulk_edge(eigenvalues, **kwargs).outliers
