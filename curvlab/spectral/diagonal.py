@@ -47,7 +47,49 @@ def diagonal(
     progress: bool | None = None,
     callback: Callback | None = None,
 ) -> torch.Tensor:
-    """The estimate of :func:`diagonal_estimate` alone (its ``value``)."""
+    """The estimate of :func:`diagonal_estimate` alone (its ``value``).
+
+    An estimate from ``n_matvecs`` products, exact only when ``n_matvecs >= P``; for the
+    exact diagonal of a curvature estimator (the backend's own, or P products) call
+    ``op.diagonal()`` instead.
+
+    Parameters
+    ----------
+    op : Operator
+        Any :class:`~curvlab.Operator` (symmetric).
+    method : {"xdiag", "hutchinson"}, default "xdiag"
+        The estimator (see :func:`diagonal_estimate`).
+    n_matvecs : int, default 100
+        Products to spend.
+    seed : int or torch.Generator, default 0
+        The probes.
+    progress : bool, optional
+        Show a progress bar on stderr (default: only when stderr is a terminal).
+    callback : callable, optional
+        Called with a :class:`~curvlab.progress.ProgressEvent` after every block of
+        products.
+
+    Returns
+    -------
+    torch.Tensor
+        [P] in ``op.dtype`` on ``op.device``; use :func:`diagonal_estimate` for the
+        standard errors.
+
+    References
+    ----------
+    C. Bekas, E. Kokiopoulou and Y. Saad, "An estimator for the diagonal of a matrix",
+    Appl. Numer. Math. 57 (2007). E. N. Epperly, J. A. Tropp and R. J. Webber, "XTrace:
+    making the most of every sample in stochastic trace estimation", SIAM J. Matrix Anal.
+    Appl. 45 (2024), section 2.4.
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> from curvlab.spectral import diagonal
+    >>> A = curvlab.DenseOperator(torch.diag(torch.arange(1.0, 5.0, dtype=torch.float64)))
+    >>> diagonal(A, n_matvecs=4, progress=False)  # n_matvecs >= P: exact
+    tensor([1., 2., 3., 4.], dtype=torch.float64)
+    """
     return diagonal_estimate(
         op, method=method, n_matvecs=n_matvecs, seed=seed, progress=progress, callback=callback
     ).value

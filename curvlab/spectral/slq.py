@@ -66,6 +66,13 @@ def lanczos_tridiagonal(
         P)``. Products of a block go to the operator together. Full reorthogonalization;
         breakdowns continue from a random vector (seeded by ``seed``) with beta = 0.
 
+    References
+    ----------
+    C. Lanczos, "An iteration method for the solution of the eigenvalue problem of linear
+    differential and integral operators", J. Res. Nat. Bur. Standards 45 (1950).
+    S. Ubaru, J. Chen and Y. Saad, "Fast estimation of tr(f(A)) via stochastic Lanczos
+    quadrature", SIAM J. Matrix Anal. Appl. 38 (2017).
+
     Examples
     --------
     >>> import torch, curvlab
@@ -133,7 +140,33 @@ def _cgs2_block(w: torch.Tensor, Q: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def quadrature(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gauss quadrature nodes (eigenvalues of T) and weights (squared first components)."""
+    """Gauss quadrature nodes (eigenvalues of T) and weights (squared first components).
+
+    Parameters
+    ----------
+    alpha : torch.Tensor
+        [..., n] diagonal of the Lanczos tridiagonal T.
+    beta : torch.Tensor
+        [..., n - 1] its off-diagonal.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        nodes [..., n] (ascending) and weights [..., n] (each row summing to one).
+
+    References
+    ----------
+    G. H. Golub and J. H. Welsch, "Calculation of Gauss quadrature rules", Math. Comp. 23
+    (1969).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.spectral.slq import quadrature
+    >>> nodes, weights = quadrature(torch.tensor([0.0, 0.0]), torch.tensor([1.0]))
+    >>> nodes, weights
+    (tensor([-1.,  1.]), tensor([0.5000, 0.5000]))
+    """
     T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
     nodes, U = torch.linalg.eigh(T)
     return nodes, U[..., 0, :] ** 2
@@ -142,7 +175,32 @@ def quadrature(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, t
 def gaussian_density(
     points: torch.Tensor, weights: torch.Tensor, grid: torch.Tensor, sigma: float
 ) -> torch.Tensor:
-    """mean over rows of sum_i w_i N(x; points_i, sigma^2) on ``grid`` (rows = probes)."""
+    """mean over rows of sum_i w_i N(x; points_i, sigma^2) on ``grid`` (rows = probes).
+
+    Parameters
+    ----------
+    points : torch.Tensor
+        [n_probes, n] quadrature nodes.
+    weights : torch.Tensor
+        [n_probes, n] their weights.
+    grid : torch.Tensor
+        [m] evaluation points.
+    sigma : float
+        Gaussian broadening, > 0.
+
+    Returns
+    -------
+    torch.Tensor
+        [m] the broadened density on ``grid``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.spectral.slq import gaussian_density
+    >>> d = gaussian_density(torch.zeros(1, 1), torch.ones(1, 1), torch.tensor([0.0]), 1.0)
+    >>> round(float(d), 4)  # 1 / sqrt(2 pi)
+    0.3989
+    """
     pts, wts = points.reshape(-1), weights.reshape(-1) / points.shape[0]
     out = torch.zeros_like(grid)
     for chunk in range(0, pts.numel(), 4096):

@@ -138,6 +138,13 @@ def trace_of_square(
     CurvlabWarning
         As :func:`trace`.
 
+    References
+    ----------
+    M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for
+    Laplacian smoothing splines", Commun. Stat. Simul. Comput. 18 (1989).
+    R. A. Meyer, C. Musco, C. Musco and D. P. Woodruff, "Hutch++: optimal stochastic trace
+    estimation", SOSA (2021).
+
     Examples
     --------
     >>> import torch, curvlab
