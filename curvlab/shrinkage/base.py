@@ -60,6 +60,23 @@ class BaseShrinkage(Operator):
 
     Subclasses set, at fit: ``n_features_in_``, ``_rep`` (a ``_represent`` object),
     ``_dtype``, ``_device`` and ``_numpy`` (numpy in, numpy out).
+
+    References
+    ----------
+    L. Buitinck et al., "API design for machine learning software: experiences from the
+    scikit-learn project", ECML PKDD workshop (2013) (the estimator conventions followed).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlab.shrinkage import LedoitWolf
+    >>> X = np.random.default_rng(0).standard_normal((50, 4)) * [1, 2, 3, 4]
+    >>> fit = LedoitWolf(n_probes=10).fit(X)
+    >>> fit.get_params()["n_probes"], fit.num_params
+    (10, 4)
+    >>> v = np.ones(4)
+    >>> bool(np.allclose(fit.matvec(fit.solve(v)), v))  # a fitted estimator is an operator
+    True
     """
 
     _rep: Any = None
@@ -74,7 +91,18 @@ class BaseShrinkage(Operator):
         )
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The constructor parameters; with ``deep``, nested ones as ``name__sub``."""
+        """The constructor parameters; with ``deep``, nested ones as ``name__sub``.
+
+        Parameters
+        ----------
+        deep : bool, default True
+            Include the parameters of nested estimators.
+
+        Returns
+        -------
+        dict of str to Any
+            Parameter name -> value, as ``sklearn.base.clone`` needs.
+        """
         out = {}
         for name in self._param_names():
             value = getattr(self, name)
@@ -84,7 +112,23 @@ class BaseShrinkage(Operator):
         return out
 
     def set_params(self, **params: Any) -> BaseShrinkage:
-        """Set constructor parameters (``name`` or nested ``name__sub``); returns self."""
+        """Set constructor parameters (``name`` or nested ``name__sub``); returns self.
+
+        Parameters
+        ----------
+        **params : Any
+            New values by parameter name.
+
+        Returns
+        -------
+        BaseShrinkage
+            ``self`` (refit to use the new values).
+
+        Raises
+        ------
+        InvalidInputError
+            For a name that is not a constructor parameter.
+        """
         valid = self.get_params(deep=True)
         nested: dict[str, dict[str, Any]] = {}
         for key, value in params.items():
@@ -157,6 +201,7 @@ class BaseShrinkage(Operator):
 
     @property
     def device(self) -> torch.device:  # type: ignore[override]
+        """The device of the vectors ``matvec`` takes (the fit's input device)."""
         self._check_fitted()
         return self._device
 
@@ -195,6 +240,18 @@ class BaseShrinkage(Operator):
         Woodbury identity through the n x n Gram matrix when the fit has n < p samples or
         per-sample factors, the eigendecomposition otherwise, conjugate gradients for
         matrix-free fits (``options``: ``tol``, ``max_iter``).
+
+        Parameters
+        ----------
+        v : torch.Tensor or array-like
+            [P] or [P, k], as for :meth:`matvec`.
+        **options : Any
+            ``tol`` and ``max_iter`` of the conjugate gradients (matrix-free fits only).
+
+        Returns
+        -------
+        torch.Tensor or numpy.ndarray
+            The solution, shaped like ``v``.
         """
         V, numpy_out = self._as_vector(v)
         block = V if V.ndim == 2 else V[:, None]
@@ -211,7 +268,20 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class CovarianceMixin:
-    """``EmpiricalCovariance``'s methods for a fitted covariance (``_rep``, ``location_``)."""
+    """``EmpiricalCovariance``'s methods for a fitted covariance (``_rep``, ``location_``).
+
+    ``score``, ``mahalanobis``, ``get_precision`` and ``error_norm``, as scikit-learn
+    defines them, so ``cross_val_score`` and model selection work.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlab.shrinkage import LedoitWolf
+    >>> X = np.random.default_rng(0).standard_normal((50, 4)) * [1, 2, 3, 4]
+    >>> fit = LedoitWolf().fit(X)
+    >>> fit.mahalanobis(X[:2]).round(3), round(fit.score(X), 3)
+    (array([0.697, 2.671]), -8.668)
+    """
 
     def _centred(self, X: Any) -> tuple[torch.Tensor, bool]:
         self._check_fitted()
@@ -248,7 +318,18 @@ class CovarianceMixin:
         return -0.5 * (quad + logdet + Y.shape[1] * math.log(2 * math.pi))
 
     def mahalanobis(self, X: Any) -> Any:
-        """Squared Mahalanobis distances (x - location_)^T Sigma^+ (x - location_) per row."""
+        """Squared Mahalanobis distances (x - location_)^T Sigma^+ (x - location_) per row.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor
+            [m, p] observations.
+
+        Returns
+        -------
+        numpy.ndarray or torch.Tensor
+            [m] distances (numpy for numpy input).
+        """
         Y, numpy_out = self._centred(X)
         out = self._rep.quad(Y)
         return out.cpu().numpy() if numpy_out else out.to(self._dtype)
@@ -263,7 +344,29 @@ class CovarianceMixin:
     def error_norm(self, comp_cov: Any, norm: str = "frobenius", scaling: bool = True,
                    squared: bool = True) -> float:
         """The squared (``squared``) Frobenius or spectral norm of comp_cov - covariance_,
-        divided by p when ``scaling`` (scikit-learn's ``error_norm``)."""
+        divided by p when ``scaling`` (scikit-learn's ``error_norm``).
+
+        Parameters
+        ----------
+        comp_cov : array-like
+            [p, p] the matrix to compare with.
+        norm : {"frobenius", "spectral"}, default "frobenius"
+            Which norm.
+        scaling : bool, default True
+            Divide by p.
+        squared : bool, default True
+            Return the squared norm.
+
+        Returns
+        -------
+        float
+            The error.
+
+        Raises
+        ------
+        UnsupportedCapabilityError
+            For a matrix-free fit (no ``covariance_``) or an unknown norm.
+        """
         self._check_fitted()
         if not hasattr(self, "covariance_"):
             raise UnsupportedCapabilityError(
@@ -285,17 +388,79 @@ class CovarianceMixin:
 
 # ---------------------------------------------------------------------- inputs
 def is_sample_operator(X: Any) -> bool:
-    """A curvature estimator or anything exposing per-sample products."""
+    """A curvature estimator or anything exposing per-sample products.
+
+    Parameters
+    ----------
+    X : object
+        Anything.
+
+    Returns
+    -------
+    bool
+        Whether ``X`` has ``group_matvecs``, ``num_samples`` and ``num_params``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.shrinkage import PerSampleMatrices
+    >>> from curvlab.shrinkage.base import is_sample_operator
+    >>> is_sample_operator(PerSampleMatrices(torch.ones(3, 2, 2))), is_sample_operator(3)
+    (True, False)
+    """
     return all(hasattr(X, a) for a in ("group_matvecs", "num_samples", "num_params"))
 
 
 def is_operator(X: Any) -> bool:
-    """An operator to fit matrix-free (not an array or tensor of samples)."""
+    """An operator to fit matrix-free (not an array or tensor of samples).
+
+    Parameters
+    ----------
+    X : object
+        What ``fit`` was given.
+
+    Returns
+    -------
+    bool
+        True for operators (:func:`curvlab.operators.is_operator`), False for arrays and
+        tensors.
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> from curvlab.shrinkage.base import is_operator
+    >>> is_operator(curvlab.IdentityOperator(2)), is_operator(torch.eye(2))
+    (True, False)
+    """
     return not isinstance(X, (torch.Tensor, np.ndarray)) and _is_operator_protocol(X)
 
 
 def implied_damping(rho: float, tau: float) -> float:
-    """delta = tau rho / (1 - rho) (negative when the target scale is; inf at rho = 1)."""
+    """delta = tau rho / (1 - rho) (negative when the target scale is; inf at rho = 1).
+
+    Parameters
+    ----------
+    rho : float
+        Shrinkage intensity.
+    tau : float
+        Target scale.
+
+    Returns
+    -------
+    float
+        The damping delta with (1 - rho) S + rho tau I = (1 - rho)(S + delta I).
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), eq. 13.
+
+    Examples
+    --------
+    >>> from curvlab.shrinkage.base import implied_damping
+    >>> implied_damping(0.5, 2.0), implied_damping(1.0, 2.0)
+    (2.0, inf)
+    """
     return math.inf if rho >= 1.0 else tau * rho / (1.0 - rho)
 
 
@@ -303,11 +468,53 @@ def implied_damping(rho: float, tau: float) -> float:
 class LinearShrinkage(CovarianceMixin, BaseShrinkage):
     """Fit (1 - rho) S + rho tau I; subclasses provide ``_rule(stats) -> (rho, tau, noise)``.
 
-    Fitted attributes: ``shrinkage_`` (rho), ``shrinkage_stderr_`` (jackknife over probes;
-    0 when exact), ``target_scale_`` (tau), ``damping_`` (delta), ``noise_variance_``,
-    ``n_samples_``, ``n_features_in_``, ``n_matvecs_``, ``precision_`` (None unless
-    ``store_precision``, and always None for estimators: P x P); for explicit inputs
-    ``covariance_``, and ``location_`` for vector samples.
+    A new rule is a subclass with a keyword-only ``__init__`` (parameters stored verbatim)
+    and ``_rule``, which maps the trace statistics of the n observations to (rho, tau, the
+    noise variance or None).
+
+    Attributes
+    ----------
+    shrinkage_ : float
+        rho.
+    shrinkage_stderr_ : float
+        Its jackknife standard error over probes (0 when exact).
+    target_scale_ : float
+        tau.
+    damping_ : float
+        delta = tau rho / (1 - rho).
+    noise_variance_ : float or None
+        The rule's noise estimate, where it has one.
+    n_samples_, n_features_in_, n_matvecs_ : int
+        n, p and the products spent.
+    precision_ : array, tensor or None
+        None unless ``store_precision``, and always None for estimators (P x P).
+    covariance_ : array or tensor
+        The fitted matrix (explicit inputs only).
+    location_ : array or tensor
+        The mean (vector samples only).
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), eq. 13 (damping is linear shrinkage).
+    O. Ledoit and M. Wolf, "A well-conditioned estimator for large-dimensional covariance
+    matrices", J. Multivariate Anal. 88(2) (2004).
+
+    Examples
+    --------
+    A rule that always shrinks halfway toward the identity:
+
+    >>> import numpy as np
+    >>> from curvlab.shrinkage import LinearShrinkage
+    >>> class Half(LinearShrinkage):
+    ...     def __init__(self, *, store_precision=True, assume_centered=False):
+    ...         self.store_precision = store_precision
+    ...         self.assume_centered = assume_centered
+    ...     def _rule(self, stats):
+    ...         return 0.5, 1.0, None
+    >>> fit = Half().fit(np.random.default_rng(0).standard_normal((20, 3)))
+    >>> fit.shrinkage_, fit.damping_
+    (0.5, 1.0)
     """
 
     assume_centered: bool = False
@@ -334,11 +541,13 @@ class LinearShrinkage(CovarianceMixin, BaseShrinkage):
         X : array-like, torch.Tensor or operator
             Vector samples [n, p] (numpy in, numpy out; a tensor keeps its dtype and
             device), symmetric per-sample matrices [n, p, p], or a curvature estimator.
-        y : ignored
+        y : None
+            Ignored (scikit-learn compatibility).
 
         Returns
         -------
-        self
+        LinearShrinkage
+            ``self``, fitted.
         """
         self._reset()
         if is_operator(X):
@@ -434,7 +643,19 @@ class LinearShrinkage(CovarianceMixin, BaseShrinkage):
 
 def exact_factors(op: Any) -> torch.Tensor | None:
     """[n, m, p] per-sample factors with M_k = F_k^T F_k where the estimator has them on one
-    process: per-sample gradients for "ef", GGN square roots for "ggn"/"fisher"."""
+    process: per-sample gradients for "ef", GGN square roots for "ggn"/"fisher".
+
+    Parameters
+    ----------
+    op : CurvatureEstimator or operator
+        The estimator being fitted.
+
+    Returns
+    -------
+    torch.Tensor or None
+        [n, m, p] factors (m = 1 for gradients), or None where the estimator has none
+        (other curvatures, backends without them, or several processes).
+    """
     if getattr(op, "distributed", False):  # factors are per rank
         return None
     curvature = getattr(op, "curvature", None)
