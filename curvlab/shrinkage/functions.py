@@ -36,6 +36,11 @@ def empirical_covariance(X: Any, *, assume_centered: bool = False) -> Any:
     numpy.ndarray or torch.Tensor
         [p, p], accumulated in float64.
 
+    References
+    ----------
+    F. Pedregosa et al., "Scikit-learn: machine learning in Python", JMLR 12 (2011)
+    (``sklearn.covariance.empirical_covariance``, which this function matches).
+
     Examples
     --------
     >>> empirical_covariance([[0, 1], [1, 0]])
@@ -65,6 +70,11 @@ def shrunk_covariance(emp_cov: Any, shrinkage: float = 0.1) -> Any:
     -------
     numpy.ndarray or torch.Tensor
         The shrunk matrices, shaped like ``emp_cov``.
+
+    References
+    ----------
+    F. Pedregosa et al., "Scikit-learn: machine learning in Python", JMLR 12 (2011)
+    (``sklearn.covariance.shrunk_covariance``, which this function matches).
 
     Examples
     --------
@@ -102,6 +112,11 @@ def ledoit_wolf_shrinkage(X: Any, assume_centered: bool = False, block_size: int
     float
         rho of :class:`~curvlab.shrinkage.LedoitWolf` (0 for one feature).
 
+    References
+    ----------
+    O. Ledoit and M. Wolf, "A well-conditioned estimator for large-dimensional covariance
+    matrices", J. Multivariate Anal. 88(2) (2004).
+
     Examples
     --------
     >>> import numpy as np
@@ -134,7 +149,15 @@ def ledoit_wolf(X: Any, *, assume_centered: bool = False, block_size: int = 1000
 
     Returns
     -------
-    (numpy.ndarray or torch.Tensor, float)
+    covariance : numpy.ndarray or torch.Tensor
+        [p, p] the shrunk covariance.
+    shrinkage : float
+        rho.
+
+    References
+    ----------
+    O. Ledoit and M. Wolf, "A well-conditioned estimator for large-dimensional covariance
+    matrices", J. Multivariate Anal. 88(2) (2004).
 
     Examples
     --------
@@ -161,7 +184,15 @@ def oas(X: Any, *, assume_centered: bool = False):
 
     Returns
     -------
-    (numpy.ndarray or torch.Tensor, float)
+    covariance : numpy.ndarray or torch.Tensor
+        [p, p] the shrunk covariance.
+    shrinkage : float
+        rho.
+
+    References
+    ----------
+    Y. Chen, A. Wiesel, Y. C. Eldar and A. O. Hero, "Shrinkage algorithms for MMSE
+    covariance estimation", IEEE Trans. Signal Process. 58(10) (2010), eq. 23.
 
     Examples
     --------
