@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import curvlab
-from curvlab.optim import LanczosOPT
+from curvlab.optim import Eigensolver, LanczosOPT
 
 from . import _common as C
 from . import stats
@@ -114,16 +114,13 @@ def _run_one(data: Dataset, delta: float, eta: float, s: dict, seed: int) -> dic
     model = C.seeded(seed, lambda: nn.Linear(d_in, 10).to(torch.float64).to(dev))
     opt = LanczosOPT(
         model.parameters(),
-        model=model,
-        loss_fn=loss_fn,
-        data=data.train(),
+        curvlab.estimator("autograd", model, loss_fn, data.train()),
         lr=ALPHA,
         damping=delta,
         eta=eta,
         k=s["k"],
         refresh_every=s["refresh_every"],
-        tol=1e-5,
-        seed=seed,
+        eigensolver=Eigensolver(tol=1e-5, seed=seed),
     )
     hist = C.train(
         model,

@@ -54,8 +54,8 @@ def test_every_consumer_uses_this_resolver():
     ce = nn.CrossEntropyLoss()
     message = "finite positive number, got 0.0"
     with pytest.raises(InvalidInputError, match=message):
-        curvlab.optim.LanczosOPT(model.parameters(), model=model, loss_fn=ce, data=(x, y),
-                                 damping=0.0)
+        est = curvlab.estimator("autograd", model, ce, (x, y))
+        curvlab.optim.LanczosOPT(model.parameters(), est, damping=0.0)
     with pytest.raises(InvalidInputError, match=message):
         curvlab.optim.KFAC(model, ce, damping=0.0)
     with pytest.raises(InvalidInputError, match=message):

@@ -86,8 +86,8 @@ def test_mappings_attributes_and_curvlab_optimizers():
     model, x, y = problem()
     damper = scripted(init=5e-3)
     pre, config = PreconditionerLike(), {"damping": 1.0, "other": 2}
-    lopt = curvlab.optim.LanczosOPT(model.parameters(), model=model, loss_fn=CE, data=(x, y),
-                                    k=2, damping=1.0)
+    est = curvlab.estimator("autograd", model, CE, (x, y))
+    lopt = curvlab.optim.LanczosOPT(model.parameters(), est, k=2, damping=1.0)
     kfac = curvlab.optim.KFAC(model, CE, lr=0.05, damping=1.0)
     assert damper.attach(pre, key="damping") is pre
     damper.attach(config, key="damping")

@@ -14,6 +14,9 @@ from curvlab.errors import CurvlabWarning, InvalidInputError, UnsupportedModelEr
 pytest.importorskip("curvlinops")
 from curvlab.adapters.kfac import KFACEstimator, kronecker_factors
 from curvlab.optim.kfac import KFAC
+from curvlab.optim.kfac_factors import KFACFactors
+
+TYPE2 = KFACFactors(fisher_type="type-2")  # the exact output Hessian
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # einops' torch.jit.script
 
@@ -53,11 +56,52 @@ def test_first_step_is_the_exact_damped_natural_gradient_step():
     x, y = batches[0]
     lr, delta = 0.5, 0.1
     expected = flat(model) - lr * natural_step(model, loss_fn, x, y, delta)
-    opt = KFAC(model, loss_fn, lr=lr, damping=delta, fisher_type="type-2")
+    opt = KFAC(model, loss_fn, lr=lr, damping=delta, factors=TYPE2)
     loss = opt.step((x, y))
     assert torch.allclose(flat(model), expected, rtol=0, atol=1e-13)
     assert loss.requires_grad is False and opt.steps == 1
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_an_injected_factor_source_in_closed_form():
+    """Any callable computing {layer: (A, G)} replaces curvlinops: for one Linear layer and
+    MSE, A = mean of [x, 1][x, 1]^T and G = (2 / C) I give the exact GGN, so the first step is
+    the exact damped natural-gradient step, and the source sees the step's seed."""
+    model, loss_fn, batches = linear_mse()
+    x, y = batches[0]
+    seeds = []
+
+    def closed_form(module, loss, params, data, *, seed):
+        seeds.append(seed)
+        xs = torch.cat([b[0] for b in data])
+        x1 = torch.cat([xs, torch.ones(xs.shape[0], 1, dtype=xs.dtype)], dim=1)
+        C = data[0][1].shape[1]
+        return {"": (x1.T @ x1 / xs.shape[0], 2.0 / C * torch.eye(C, dtype=xs.dtype))}
+
+    expected = flat(model) - 0.5 * natural_step(model, loss_fn, x, y, 0.1)
+    opt = KFAC(model, loss_fn, lr=0.5, damping=0.1, factors=closed_form, seed=3)
+    opt.step((x, y))
+    assert torch.allclose(flat(model), expected, rtol=0, atol=1e-13)
+    assert seeds == [3] and opt.factor_source is closed_form
+
+
+def test_deprecated_factor_keywords_equal_the_factor_object():
+    trajectories = []
+    for legacy in (False, True):
+        torch.manual_seed(0)
+        model = make_model("tanh_mlp")
+        data = [make_data("tanh_mlp", seed=s) for s in range(3)]
+        options = {"fisher_type": "mc", "mc_samples": 2, "kfac_approx": "reduce"}
+        if legacy:
+            with pytest.warns(DeprecationWarning, match=r"factors=KFACFactors\(fisher_type"):
+                opt = KFAC(model, nn.CrossEntropyLoss(), lr=0.1, seed=4, **options)
+        else:
+            opt = KFAC(model, nn.CrossEntropyLoss(), lr=0.1, seed=4,
+                       factors=KFACFactors(**options))
+        for batch in data:
+            opt.step(batch)
+        trajectories.append(flat(model))
+    assert torch.equal(*trajectories)
 
 
 def test_damping_change_costs_no_factorization():
@@ -66,7 +110,7 @@ def test_damping_change_costs_no_factorization():
     model, loss_fn, batches = linear_mse()
     x, y = batches[0]
     schedule = [0.1, 0.02, 0.5]
-    opt = KFAC(model, loss_fn, lr=0.3, damping=lambda t: schedule[t], fisher_type="type-2",
+    opt = KFAC(model, loss_fn, lr=0.3, damping=lambda t: schedule[t], factors=TYPE2,
                factor_update_every=10, inverse_update_every=10)
     for delta in schedule:
         expected = flat(model) - 0.3 * natural_step(model, loss_fn, x, y, delta)
@@ -75,7 +119,7 @@ def test_damping_change_costs_no_factorization():
         assert opt.param_groups[0]["damping"] == delta
         assert opt.n_factorizations == 2  # A and G, factorized once at step 0
     # a float damping set on the param group (what damper.attach does) is used likewise
-    opt2 = KFAC(model, loss_fn, lr=0.3, damping=0.1, fisher_type="type-2",
+    opt2 = KFAC(model, loss_fn, lr=0.3, damping=0.1, factors=TYPE2,
                 inverse_update_every=10)
     opt2.step((x, y))
     opt2.param_groups[0]["damping"] = 0.7
@@ -98,7 +142,7 @@ class Damper:
 def test_damper_object_is_read_every_step():
     model, loss_fn, batches = linear_mse()
     damper = Damper()
-    opt = KFAC(model, loss_fn, lr=0.1, damping=damper, fisher_type="type-2")
+    opt = KFAC(model, loss_fn, lr=0.1, damping=damper, factors=TYPE2)
     opt.step(batches[0])
     damper.damping = 0.5
     before = flat(model)
@@ -107,7 +151,7 @@ def test_damper_object_is_read_every_step():
     assert damper.calls == []  # the cached attribute is read; the callable is not needed
     # the update used damping 0.5: replay the same step with a float damping
     replay_model, _, _ = linear_mse()
-    replay = KFAC(replay_model, loss_fn, lr=0.1, damping=0.25, fisher_type="type-2")
+    replay = KFAC(replay_model, loss_fn, lr=0.1, damping=0.25, factors=TYPE2)
     replay.step(batches[0])
     replay.param_groups[0]["damping"] = 0.5
     assert torch.equal(flat(replay_model), before)
@@ -123,7 +167,7 @@ def test_factor_averages_follow_the_decay(fisher_type):
     data = [make_data("tanh_mlp", seed=s) for s in range(4)]
     decay, seed = 0.8, 5
     opt = KFAC(model, loss_fn, lr=0.1, damping=1e-2, factor_decay=decay, momentum=0.5,
-               fisher_type=fisher_type, seed=seed)
+               factors=fisher_type, seed=seed)  # a string: an alias of KFACFactors(...)
     expected = {}
     for t, (x, y) in enumerate(data):
         snapshot = copy.deepcopy(model)
@@ -150,7 +194,7 @@ def test_heuristic_damping_step_equals_the_adapter_formula():
     est = KFACEstimator(copy.deepcopy(model), loss_fn, (x, y), "ggn")
     g = flat_grad(model, loss_fn, x, y)
     expected = flat(model) - 0.2 * est.solve(g, 0.03, heuristic=True)
-    opt = KFAC(model, loss_fn, lr=0.2, damping=0.03, heuristic_damping=True, fisher_type="type-2")
+    opt = KFAC(model, loss_fn, lr=0.2, damping=0.03, heuristic_damping=True, factors=TYPE2)
     opt.step((x, y))
     assert torch.allclose(flat(model), expected, rtol=0, atol=1e-12)
 
@@ -164,7 +208,7 @@ def test_kl_clipping_scales_the_step():
     nu = min(1.0, math.sqrt(kl_clip / abs(lr**2 * float(d @ g))))
     assert nu < 1
     expected = flat(model) - lr * nu * d
-    opt = KFAC(model, loss_fn, lr=lr, damping=delta, kl_clip=kl_clip, fisher_type="type-2")
+    opt = KFAC(model, loss_fn, lr=lr, damping=delta, kl_clip=kl_clip, factors=TYPE2)
     opt.step((x, y))
     assert torch.allclose(flat(model), expected, rtol=0, atol=1e-13)
 
@@ -216,7 +260,7 @@ def make_run(state=None):
     model = make_model("cnn")
     opt = KFAC(model, nn.CrossEntropyLoss(), lr=0.2, damping=lambda t: 1e-2 / (1 + t),
                momentum=0.9, weight_decay=1e-3, kl_clip=1e-2, factor_update_every=2,
-               inverse_update_every=3, fisher_type="mc", seed=7)
+               inverse_update_every=3, factors=KFACFactors(fisher_type="mc"), seed=7)
     if state is not None:
         model.load_state_dict(state[0])
         opt.load_state_dict(state[1])
@@ -290,8 +334,16 @@ def test_invalid_arguments():
         KFAC(model, loss_fn, damping=0.0)
     with pytest.raises(InvalidInputError):
         KFAC(model, loss_fn, factor_decay=1.0)
-    with pytest.raises(InvalidInputError):
-        KFAC(model, loss_fn, fisher_type="kfac")
+    with pytest.raises(InvalidInputError, match="fisher_type"):
+        KFACFactors(fisher_type="kfac")
+    with pytest.raises(InvalidInputError, match="factors"):
+        KFAC(model, loss_fn, factors="kfac")
+    with pytest.raises(InvalidInputError, match="factor source"):
+        KFAC(model, loss_fn, factors=3)
+    with pytest.raises(InvalidInputError, match="once"), pytest.warns(DeprecationWarning):
+        KFAC(model, loss_fn, factors=TYPE2, mc_samples=2)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        KFAC(model, loss_fn, fisher="mc")
     opt = KFAC(model, loss_fn)
     with pytest.raises(InvalidInputError, match=r"opt.step\(\(x, y\)\)"):
         opt.step()  # type: ignore[call-arg]
@@ -332,7 +384,7 @@ def kfac_run(fisher_type):
     loss_fn = nn.CrossEntropyLoss()
     opt = KFAC(model, loss_fn, lr=0.2, damping=lambda t: 1e-2 / (1 + t), momentum=0.9,
                weight_decay=1e-3, kl_clip=1e-2, factor_update_every=2, inverse_update_every=3,
-               fisher_type=fisher_type, seed=7)
+               factors=KFACFactors(fisher_type=fisher_type), seed=7)
     return model, loss_fn, opt
 
 
@@ -373,11 +425,11 @@ def test_closure_and_gradient_accumulation():
     model, loss_fn, batches = linear_mse()
     x, y = batches[0]
     reference, _, _ = linear_mse()
-    ref = KFAC(reference, loss_fn, lr=0.3, damping=0.1, fisher_type="type-2")
+    ref = KFAC(reference, loss_fn, lr=0.3, damping=0.1, factors=TYPE2)
     ref.step((x, y))
     # a closure: the same step, and the closure's loss is returned
     closed_model, _, _ = linear_mse()
-    closed = KFAC(closed_model, loss_fn, lr=0.3, damping=0.1, fisher_type="type-2")
+    closed = KFAC(closed_model, loss_fn, lr=0.3, damping=0.1, factors=TYPE2)
 
     def closure():
         closed.zero_grad()
@@ -390,7 +442,7 @@ def test_closure_and_gradient_accumulation():
     assert torch.equal(flat(closed_model), flat(reference))
     # two half batches accumulated before one step: the factors average all 20 samples and
     # the gradient is the full batch's, so the step equals the full-batch step (float64)
-    opt = KFAC(model, loss_fn, lr=0.3, damping=0.1, fisher_type="type-2")
+    opt = KFAC(model, loss_fn, lr=0.3, damping=0.1, factors=TYPE2)
     opt.zero_grad()
     for half in (slice(0, 10), slice(10, 20)):
         (loss_fn(model(x[half]), y[half]) / 2).backward()
@@ -404,7 +456,7 @@ def test_closure_and_gradient_accumulation():
 def test_usual_loop_ignores_evaluation_passes_and_explains_misuse():
     model, loss_fn, batches = linear_mse()
     x, y = batches[0]
-    opt = KFAC(model, loss_fn, lr=0.1, damping=0.1, fisher_type="type-2")
+    opt = KFAC(model, loss_fn, lr=0.1, damping=0.1, factors=TYPE2)
     opt.zero_grad()
     loss_fn(model(x), y).backward()
     with torch.no_grad():
@@ -447,7 +499,7 @@ def test_accumulated_batches_under_train_mode_batchnorm_are_refused():
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 2)).double()
     loss_fn = nn.MSELoss()
     with pytest.warns(CurvlabWarning, match="plain SGD"):
-        opt = KFAC(model, loss_fn, lr=0.1, damping=0.1, fisher_type="type-2")
+        opt = KFAC(model, loss_fn, lr=0.1, damping=0.1, factors=TYPE2)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(16, 4, dtype=torch.float64, generator=gen)
     y = torch.randn(16, 2, dtype=torch.float64, generator=gen)

@@ -10,9 +10,9 @@ from conftest import dense_hessian, make_data, make_model
 from torch import nn
 
 import curvlab
-from curvlab.damping import LinearShrinkageDamper
+from curvlab.damping import CurvlabUpdate, LinearShrinkageDamper
 from curvlab.errors import CurvlabWarning, InvalidInputError
-from curvlab.optim import LanczosOPT
+from curvlab.optim import Eigensolver, LanczosOPT
 from curvlab.optim.lanczos_opt import lanczos_direction
 
 CE = nn.CrossEntropyLoss()
@@ -53,7 +53,7 @@ def test_full_rank_is_damped_newton_on_a_quadratic(damping):
     w0, lr = flat_params(model), 0.7
     expected = w0 - lr * torch.linalg.solve(H + damping * torch.eye(P, dtype=H.dtype), g)
     opt = LanczosOPT(model.parameters(), factory(model, MSE, x, y), lr=lr, damping=damping,
-                     k=P, eta=1.0, tol=1e-12)
+                     k=P, eta=1.0, eigensolver=Eigensolver(tol=1e-12))
     opt.step()
     err = (flat_params(model) - expected).norm() / (expected - w0).norm()
     assert err < 1e-10  # measured 7e-13 (P = 10: the Lanczos routine solves densely)
@@ -79,7 +79,7 @@ def test_low_rank_step_matches_dense_formula(k, eta, negative):
     w0, lr, damping = flat_params(model), 0.05, 0.02
     expected = w0 - lr * dense_reference(H, g, k, damping, eta, negative)
     opt = LanczosOPT(model.parameters(), factory(model, CE, x, y), lr=lr, damping=damping,
-                     k=k, eta=eta, negative=negative, tol=1e-10)
+                     k=k, eta=eta, negative=negative, eigensolver={"tol": 1e-10})
     opt.step()
     # Lanczos at tol 1e-10 gives eigenvectors to ~tol ||H|| / gap (gaps ~ 0.04 here); the
     # step error follows: measured 2e-11 to 3e-11 (3e-7 at tol 1e-6)
@@ -97,7 +97,7 @@ def test_param_groups_in_another_order_than_the_estimator():
     expected = w0 - 0.05 * dense_reference(H, g, 5, 0.02, 2.0, "abs")
     groups = [{"params": list(model[2].parameters())}, {"params": list(model[0].parameters())}]
     opt = LanczosOPT(groups, factory(model, CE, x, y), lr=0.05, damping=0.02, k=5, eta=2.0,
-                     tol=1e-10)
+                     eigensolver=Eigensolver(tol=1e-10))
     opt.step()
     err = (flat_params(model) - expected).norm() / (expected - w0).norm()
     assert err < 1e-8
@@ -114,18 +114,81 @@ def test_negative_eigenvalue_handling_in_formula():
     assert torch.allclose(d_clamp, torch.tensor([1 / 2.1, 10.0, 10.0], dtype=torch.float64))
 
 
-def test_model_loss_data_path_equals_factory_path():
+@pytest.mark.parametrize("form", ["estimator", "legacy_model", "legacy_factory"])
+def test_estimator_object_and_deprecated_forms_equal_the_factory_path(form):
+    """One estimator held across steps follows the parameters (it rebuilds its graphs), so
+    it steps bitwise like a fresh estimator per refresh; the old keywords still work, with a
+    DeprecationWarning naming the replacement."""
     results = []
-    for use_factory in (True, False):
+    for current in ("factory", form):
         model, (x, y) = make_model("tanh_mlp"), make_data("tanh_mlp", n=32)
-        kwargs = ({"estimator_factory": factory(model, CE, x, y)} if use_factory
-                  else {"model": model, "loss_fn": CE, "data": (x, y)})
-        opt = LanczosOPT(model.parameters(), lr=0.1, damping=0.05, k=4, **kwargs)
-        for _ in range(2):
+        legacy = {
+            "legacy_model": {"model": model, "loss_fn": CE, "data": (x, y), "seed": 0},
+            "legacy_factory": {"estimator_factory": factory(model, CE, x, y), "tol": 1e-6},
+        }
+        if current in legacy:
+            with pytest.warns(DeprecationWarning, match=r"deprecated, use .*(estimator|Eigen)"):
+                opt = LanczosOPT(model.parameters(), lr=0.1, damping=0.05, k=4, **legacy[current])
+        else:
+            curvature = (factory(model, CE, x, y) if current == "factory"
+                         else curvlab.estimator("autograd", model, CE, (x, y)))
+            opt = LanczosOPT(model.parameters(), curvature, lr=0.1, damping=0.05, k=4)
+        for _ in range(3):
             flat_grad(model, CE, x, y)
             opt.step()
         results.append(flat_params(model))
     assert torch.equal(results[0], results[1])
+
+
+def test_deprecated_curvature_name_and_estimator_options_build_that_estimator():
+    model, (x, y) = make_model("tanh_mlp"), make_data("tanh_mlp", n=32)
+    with pytest.warns(DeprecationWarning, match="curvature="):
+        opt = LanczosOPT(model.parameters(), model=model, loss_fn=CE, data=(x, y),
+                         curvature="ggn", estimator_options={"vectorize": False}, k=2)
+    assert opt.curvature.curvature == "ggn" and opt.curvature.vectorize is False
+
+
+def test_fitted_shrinkage_as_the_curvature():
+    """A fitted shrinkage is an Operator: its eigenbasis is that of (1 - rho) H + rho tau I."""
+    from curvlab.shrinkage import LedoitWolf
+
+    model, (x, y) = make_model("tanh_mlp"), make_data("tanh_mlp", n=32)
+    H = dense_hessian(model, CE, x, y)
+    g = flat_grad(model, CE, x, y)
+    fit = LedoitWolf(n_probes=8, seed=0).fit(curvlab.estimator("autograd", model, CE, (x, y)))
+    assert 0 < fit.shrinkage_ < 1
+    rho, tau = fit.shrinkage_, fit.target_scale_
+    shrunk = (1 - rho) * H + rho * tau * torch.eye(H.shape[0], dtype=H.dtype)
+    w0 = flat_params(model)
+    expected = w0 - 0.05 * dense_reference(shrunk, g, 4, 0.02, 1.0, "abs")
+    opt = LanczosOPT(model.parameters(), fit, lr=0.05, damping=0.02, k=4,
+                     eigensolver=Eigensolver(tol=1e-10))
+    opt.step()
+    err = (flat_params(model) - expected).norm() / (expected - w0).norm()
+    assert err < 1e-8
+
+
+def test_a_custom_eigensolver_callable():
+    """Any (operator, k, step) -> eigenpairs callable replaces Lanczos: here a dense eigh."""
+    model, (x, y) = make_model("tanh_mlp"), make_data("tanh_mlp", n=32)
+    H = dense_hessian(model, CE, x, y)
+    g = flat_grad(model, CE, x, y)
+    steps = []
+
+    def dense_solver(op, k, step):
+        steps.append(step)
+        vals, vecs = torch.linalg.eigh(op.to_dense())
+        return curvlab.Eigenpairs(vals.flip(0)[:k], vecs.flip(1)[:, :k],
+                                  torch.zeros(k, dtype=vals.dtype), 0, True)
+
+    w0 = flat_params(model)
+    expected = w0 - 0.05 * dense_reference(H, g, 3, 0.02, 1.0, "abs")
+    opt = LanczosOPT(model.parameters(), factory(model, CE, x, y), lr=0.05, damping=0.02, k=3,
+                     eigensolver=dense_solver)
+    opt.step()
+    assert steps == [0]
+    err = (flat_params(model) - expected).norm() / (expected - w0).norm()
+    assert err < 1e-10
 
 
 def train(model, opt, x, y, n, closure=False):
@@ -193,7 +256,7 @@ def test_refresh_schedule_and_damping_sources():
     assert seen == [0, 1, 2, 3, 4]
     assert opt.param_groups[0]["damping"] == 0.1
 
-    damper = LinearShrinkageDamper(init=0.5, floor=0.0, ema=0.5)  # read at each step
+    damper = LinearShrinkageDamper(init=0.5, update_rule=CurvlabUpdate(ema=0.5, floor=0.0))
     opt = LanczosOPT(model.parameters(), est_factory, lr=0.1, k=3, damping=damper)
     train(model, opt, x, y, 1)
     assert opt.param_groups[0]["damping"] == 0.5
@@ -239,8 +302,24 @@ def test_bad_input_raises():
     x, y = make_data("tanh_mlp", n=32)
     model = make_model("tanh_mlp")
     other = make_model("tanh_mlp")
-    with pytest.raises(InvalidInputError, match="either"):
+    with pytest.raises(InvalidInputError, match="needs the curvature"):
         LanczosOPT(model.parameters())
+    with pytest.raises(InvalidInputError, match="names a kind of curvature"):
+        LanczosOPT(model.parameters(), "hessian")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        LanczosOPT(model.parameters(), factory(model, CE, x, y), estimator=None)
+    with pytest.raises(InvalidInputError, match="once"), pytest.warns(DeprecationWarning):
+        LanczosOPT(model.parameters(), factory(model, CE, x, y), tol=1e-8,
+                   eigensolver=Eigensolver())
+    with pytest.raises(InvalidInputError, match="not fields of Eigensolver"):
+        LanczosOPT(model.parameters(), factory(model, CE, x, y), eigensolver={"tolerance": 1})
+    for bad, match in ((lambda: "H", "not an Operator"),
+                       (lambda: curvlab.DenseOperator(torch.eye(3, dtype=torch.float64)),
+                        "rows")):
+        opt = LanczosOPT(model.parameters(), bad, k=2)
+        flat_grad(model, CE, x, y)
+        with pytest.raises(InvalidInputError, match=match):
+            opt.step()
     with pytest.raises(InvalidInputError, match="exceeds"):
         LanczosOPT(model.parameters(), factory(model, CE, x, y), k=1000)
     with pytest.raises(InvalidInputError, match="damping"):
@@ -259,7 +338,8 @@ def test_bad_input_raises():
 def test_param_groups_are_fixed_after_construction():
     model = torch.nn.Linear(3, 2).double()
     x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    opt = LanczosOPT(model.parameters(), model=model, loss_fn=torch.nn.MSELoss(),
-                     data=(x, torch.zeros(8, 2, dtype=torch.float64)), k=2)
+    est = curvlab.estimator("autograd", model, torch.nn.MSELoss(),
+                            (x, torch.zeros(8, 2, dtype=torch.float64)))
+    opt = LanczosOPT(model.parameters(), est, k=2)
     with pytest.raises(InvalidInputError, match="construction"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]})

@@ -12,7 +12,7 @@ from conftest import dense_hessian
 from torch import nn
 
 from curvlab.errors import InvalidInputError, UnsupportedCapabilityError
-from curvlab.optim import KFAC, largest_stable_lr
+from curvlab.optim import KFAC, KFACFactors, largest_stable_lr
 from curvlab.optim.stable_lr import default_grid, preconditioned_sharpness
 
 MSE = nn.MSELoss()
@@ -239,7 +239,7 @@ def test_kfac_sharpness_matches_the_dense_generalised_eigenproblem():
     model, x, y = small_classifier()
     model = model[0]  # one Linear layer (softmax regression on 6 features)
     ce = nn.CrossEntropyLoss()
-    opt = KFAC(model, ce, lr=0.5, damping=0.05, fisher_type="type-2")
+    opt = KFAC(model, ce, lr=0.5, damping=0.05, factors=KFACFactors(fisher_type="type-2"))
     before = [p.detach().clone() for p in model.parameters()]
     grads = torch.autograd.grad(ce(model(x), y), list(model.parameters()))
     opt.step((x, y))

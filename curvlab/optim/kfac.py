@@ -6,8 +6,9 @@ For each Linear/Conv2d layer (weight and bias joined as [W | b], Martens & Gross
     d   = (G_t (x) A_t + delta I)^-1 g        (exact damping, default)
     d   = (G_t + sqrt(delta)/pi I)^-1 (x) (A_t + pi sqrt(delta) I)^-1 g   (heuristic=True)
 
-with A(batch), G(batch) the KFAC factors of the current batch from the ``kfac`` backend
-(curvlinops on a private hook-free view of the model, reached through the registry). The
+with A(batch), G(batch) the KFAC factors of the current batch from a factor source
+(:mod:`curvlab.optim.kfac_factors`; by default curvlinops through the registry's ``kfac``
+backend), computed on a private hook-free view of the model. The
 inverse is applied through the eigendecompositions of A_t and G_t (:mod:`curvlab.kronecker`),
 refreshed every ``inverse_update_every`` steps, so a new delta (a damping schedule, a
 LinearShrinkageDamper) costs no refactorization; ``n_factorizations`` counts them.
@@ -45,10 +46,17 @@ from curvlab.kronecker import (
 )
 from curvlab.losses import LIKELIHOOD_LOSSES, LossSpec
 from curvlab.model_view import ModelView, unwrap
+from curvlab.optim._legacy import kfac_from_legacy
+from curvlab.optim.kfac_factors import FactorSource, as_factor_source
 from curvlab.optim.lanczos_opt import DampingSource, resolve_damping
-from curvlab.registry import resolve
+from curvlab.validation import (
+    check_int,
+    check_nonnegative,
+    check_optional,
+    check_positive,
+    check_probability,
+)
 
-_FISHER_TYPES = ("mc", "type-2", "empirical")
 _EIG_KEYS = ("eigvals_A", "eigvecs_A", "eigvals_G", "eigvecs_G")
 
 
@@ -175,8 +183,8 @@ class KFAC(Optimizer):
     factors and the parameters, and returns the detached loss. Both give the same
     parameters, bitwise, on the same batches.
 
-    Either way the factors come from a second pass on the batch through the ``kfac``
-    backend (curvlinops on a private hook-free view of the model: the model's own hooks,
+    Either way the factors come from a second pass on the batch through the factor source
+    (by default curvlinops, on a private hook-free view of the model: the model's own hooks,
     such as kfac-pytorch's, never fire, BatchNorm statistics are not updated, and dropout
     draws its masks from ``seed + step``, leaving the global RNG untouched). Learning-rate
     schedulers work as with any torch optimizer (one param group).
@@ -209,14 +217,18 @@ class KFAC(Optimizer):
         The KL-clipping bound (None: off).
     heuristic_damping : bool, default False
         Use pi-damping instead of exact damping.
-    fisher_type : {"mc", "type-2", "empirical"}, default "mc"
-        "mc": ``mc_samples`` labels sampled from the model, seeded by ``seed + t``;
-        "type-2": the exact output Hessian (KFAC = GGN for one Linear + MSE); "empirical":
-        the true labels' gradients.
-    mc_samples : int, default 1
-    kfac_approx : {"expand", "reduce"}, default "expand"
-        Weight sharing (Eschenhagen et al. 2023).
+    factors : factor source or str, optional
+        Computes the Kronecker factors of a batch (:mod:`curvlab.optim.kfac_factors`):
+        default ``KFACFactors()`` (curvlinops' KFAC with Monte-Carlo labels, seeded by
+        ``seed + t``); ``KFACFactors(fisher_type="type-2")`` for the exact output Hessian,
+        ``"empirical"`` for the true labels' gradients (the strings are aliases of those
+        objects); or any callable ``(model, loss_fn, params, batches, *, seed) -> {layer:
+        (A, G)}``.
     seed : int, default 0
+        The factor source's seed at step t is ``seed + t``.
+
+    The keywords ``fisher_type``, ``mc_samples`` and ``kfac_approx`` (before issue 17) still
+    work for one release, with a DeprecationWarning: they are ``KFACFactors``'s now.
 
     Notes
     -----
@@ -266,36 +278,18 @@ class KFAC(Optimizer):
         weight_decay: float = 0.0,
         kl_clip: float | None = None,
         heuristic_damping: bool = False,
-        fisher_type: str = "mc",
-        mc_samples: int = 1,
-        kfac_approx: str = "expand",
+        factors: FactorSource | str | None = None,
         seed: int = 0,
+        **deprecated,
     ):
-        if not lr > 0:
-            raise InvalidInputError(f"lr must be positive, got {lr!r}")
-        if not 0 <= factor_decay < 1:
-            raise InvalidInputError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
-        if not 0 <= momentum < 1 or weight_decay < 0:
-            raise InvalidInputError("momentum must be in [0, 1) and weight_decay >= 0")
-        if kl_clip is not None and not kl_clip > 0:
-            raise InvalidInputError(f"kl_clip must be None or positive, got {kl_clip!r}")
-        for name, value in (
-            ("factor_update_every", factor_update_every),
-            ("inverse_update_every", inverse_update_every),
-            ("mc_samples", mc_samples),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
-        if fisher_type not in _FISHER_TYPES:
-            raise InvalidInputError(
-                f"fisher_type must be one of {_FISHER_TYPES}, got {fisher_type!r}"
-            )
-        if mc_samples != 1 and fisher_type != "mc":
-            raise InvalidInputError("mc_samples applies to fisher_type='mc' only")
-        if kfac_approx not in ("expand", "reduce"):
-            raise InvalidInputError(
-                f"kfac_approx must be 'expand' or 'reduce', got {kfac_approx!r}"
-            )
+        factors = kfac_from_legacy(factors, deprecated)
+        check_positive("lr", lr)
+        check_probability("factor_decay", factor_decay)
+        check_probability("momentum", momentum)
+        check_nonnegative("weight_decay", weight_decay)
+        check_optional(check_positive, "kl_clip", kl_clip, fix="or None for no clipping")
+        check_int("factor_update_every", factor_update_every, minimum=1)
+        check_int("inverse_update_every", inverse_update_every, minimum=1)
         if LossSpec(loss_fn).kind is None:
             raise InvalidInputError(
                 f"KFAC needs {LIKELIHOOD_LOSSES} as loss_fn, got {type(loss_fn).__name__}"
@@ -318,15 +312,15 @@ class KFAC(Optimizer):
         self.model, self.loss_fn = model, loss_fn
         self.factor_update_every = factor_update_every
         self.inverse_update_every = inverse_update_every
-        self.heuristic_damping, self.fisher_type = heuristic_damping, fisher_type
-        self.mc_samples, self.kfac_approx, self.seed = mc_samples, kfac_approx, int(seed)
+        self.heuristic_damping, self.seed = heuristic_damping, int(seed)
         self.n_factorizations = 0
         self._params = list(chosen)
         kfac_idx, other = split_params(module, names)
         self._kfac_idx = kfac_idx
         self._blocks = kronecker_blocks(module, [chosen[i] for i in kfac_idx]) if kfac_idx else []
-        if self._blocks:  # the kfac backend computes the factors, on a hook-free view
-            self._batch_factors = resolve("kfac").batch_factors  # an install hint if missing
+        self.factor_source = None
+        if self._blocks:  # the factor source computes them, on a hook-free view
+            self.factor_source = as_factor_source(factors)
             self._view = ModelView(module, [names[i] for i in kfac_idx])
         self._layers = list(dict.fromkeys(b.layer for b in self._blocks))
         # each layer's state lives with its first parameter
@@ -411,17 +405,9 @@ class KFAC(Optimizer):
                 f"its own statistics, so the factors of {len(batches)} accumulated batches "
                 "are not defined: step on one batch per zero_grad(), or call model.eval()"
             )
-        fresh = self._batch_factors(
-            view.module,
-            self.loss_fn,
-            view.parameters,
-            batches,
-            fisher_type=self.fisher_type,
-            mc_samples=self.mc_samples,
-            seed=self.seed + step,
-            kfac_approx=self.kfac_approx,
-            batch_seed=self.seed + step,
-        ).factors
+        fresh = self.factor_source(
+            view.module, self.loss_fn, view.parameters, batches, seed=self.seed + step
+        )
         decay = group["factor_decay"]
         out = {}
         for layer, (A, G) in fresh.items():

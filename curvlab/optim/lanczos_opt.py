@@ -29,7 +29,10 @@ from torch.optim import Optimizer
 
 from curvlab.damping.resolve import DampingSource, resolve_damping
 from curvlab.errors import CurvlabWarning, InvalidInputError
-from curvlab.estimator import CurvatureEstimator
+from curvlab.operators import is_operator
+from curvlab.optim._legacy import lanczos_from_legacy
+from curvlab.optim.eigensolver import EigensolverLike, as_eigensolver
+from curvlab.validation import check_choice, check_int, check_positive
 
 _NEGATIVE = ("abs", "clamp")
 
@@ -49,17 +52,32 @@ def lanczos_direction(
     return vectors @ (coeffs * scale) + grad / damping
 
 
+def _check_curvature(curvature: Any) -> None:
+    if curvature is None or not (is_operator(curvature) or callable(curvature)):
+        raise InvalidInputError(
+            "LanczosOPT needs the curvature: an Operator over the optimizer's parameters "
+            "(curvlab.estimator(backend, model, loss_fn, data), a fitted shrinkage, ...) or a "
+            f"zero-argument factory returning one; got {type(curvature).__name__}"
+        )
+
+
 class LanczosOPT(Optimizer):
-    """The update of eq. 9 with the k-dimensional eigenbasis from ``est.eigenpairs``.
+    """The update of eq. 9 with the k-dimensional eigenbasis of a curvature operator.
 
     Parameters
     ----------
     params : parameters or param groups. Each group may set its own ``lr``; ``damping`` and
         ``eta`` act on the joint eigenbasis and must agree across groups.
-    estimator_factory : zero-argument callable returning a CurvatureEstimator over exactly
-        these parameters (any backend), e.g. ``lambda: curvlab.estimator("autograd", model,
-        loss_fn, batch)``. Called at each refresh. Alternatively pass ``model``,
-        ``loss_fn``, ``data`` (and ``backend``, ``curvature``, ``estimator_options``).
+    curvature : Operator or callable
+        The curvature whose top eigenpairs span the sharp directions, over exactly these
+        parameters: any :class:`~curvlab.Operator`, such as ``curvlab.estimator("autograd",
+        model, loss_fn, data)`` (it follows the parameters as they change and rebuilds its
+        graphs) or a fitted shrinkage (``LedoitWolf().fit(est)``, fixed once fitted); or a
+        zero-argument factory returning one, called at each refresh (e.g. an estimator on
+        a new batch, or a shrinkage refitted to the current curvature). An operator with
+        ``params`` (a curvature estimator) is matched to the optimizer's parameters by
+        identity and may order them differently; any other operator's vectors are read in
+        the flat order of the param groups.
     lr : learning rate alpha.
     damping : delta > 0: a float (stored in the param groups, so ``damper.attach(opt,
         key="damping")`` works), a callable of the step count, or an object with a
@@ -68,9 +86,16 @@ class LanczosOPT(Optimizer):
     eta : sharp-direction perturbation (eq. 9's 1/eta); 1 is the plain LanczosOPT.
     k : number of eigenpairs (``which="largest"``); the paper uses 50.
     refresh_every : steps between eigenbasis recomputations.
-    tol, max_iter, seed : passed to ``est.eigenpairs``; the seed used at step t is seed + t.
     negative : "abs" or "clamp": handling of negative eigenvalues (module docstring).
-    eigenpairs_options : further keywords of ``est.eigenpairs`` (e.g. ``ncv``, ``verify``).
+    eigensolver : Eigensolver, mapping or callable, optional
+        How the eigenpairs are computed: :class:`~curvlab.optim.Eigensolver` settings (``tol``,
+        ``max_iter``, ``ncv``, ``seed``, ...; the seed used at step t is seed + t), a mapping of
+        them, or a callable ``(operator, k, step) -> Eigenpairs``. Default ``Eigensolver()``.
+
+    The keywords before issue 17 (``estimator_factory``, ``model``, ``loss_fn``, ``data``,
+    ``backend``, ``curvature`` as a name, ``estimator_options``, ``tol``, ``max_iter``,
+    ``seed``, ``eigenpairs_options``) still work for one release, with a DeprecationWarning
+    naming their replacement.
 
     A step whose loss (from ``closure``) or gradient is not finite leaves the parameters
     and the state unchanged and warns with a :class:`~curvlab.CurvlabWarning`. Parameters
@@ -83,58 +108,37 @@ class LanczosOPT(Optimizer):
     def __init__(
         self,
         params: Iterable,
-        estimator_factory: Callable[[], CurvatureEstimator] | None = None,
+        curvature: Any = None,
         *,
         lr: float = 0.01,
         damping: DampingSource = 1.0,
         eta: float = 1.0,
         k: int = 50,
         refresh_every: int = 1,
-        tol: float = 1e-6,
-        max_iter: int | None = None,
-        seed: int = 0,
         negative: str = "abs",
-        eigenpairs_options: dict | None = None,
-        model: torch.nn.Module | None = None,
-        loss_fn: Callable | None = None,
-        data: Any = None,
-        backend: str = "autograd",
-        curvature: str = "hessian",
-        estimator_options: dict | None = None,
+        eigensolver: EigensolverLike | None = None,
+        **deprecated: Any,
     ):
-        if not lr > 0:
-            raise InvalidInputError(f"lr must be positive, got {lr!r}")
-        if not eta > 0:
-            raise InvalidInputError(f"eta must be positive, got {eta!r}")
-        for name, value in (("k", k), ("refresh_every", refresh_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
-        if negative not in _NEGATIVE:
-            raise InvalidInputError(f"negative must be one of {_NEGATIVE}, got {negative!r}")
-        if (estimator_factory is None) == (model is None):
-            raise InvalidInputError(
-                "pass either estimator_factory (a callable returning a CurvatureEstimator) "
-                "or model, loss_fn and data"
-            )
-        if model is not None and (loss_fn is None or data is None):
-            raise InvalidInputError("with model=..., pass loss_fn and data too")
+        curvature, eigensolver, build = lanczos_from_legacy(curvature, eigensolver, deprecated)
+        check_positive("lr", lr)
+        check_positive("eta", eta)
+        self.k = check_int("k", k, minimum=1)
+        self.refresh_every = check_int("refresh_every", refresh_every, minimum=1)
+        self.negative = check_choice("negative", negative, _NEGATIVE)
+        if build is None:
+            _check_curvature(curvature)
+        self.eigensolver = as_eigensolver(eigensolver)
         is_number = isinstance(damping, numbers.Real)
         if is_number:
             resolve_damping(damping, 0)
         defaults = {"lr": lr, "damping": float(damping) if is_number else None, "eta": eta}
         super().__init__(params, defaults)
         self._damping_source = None if is_number else damping
-        self._factory = estimator_factory
-        self._model, self._loss_fn, self._data = model, loss_fn, data
-        self._backend, self._curvature = backend, curvature
-        self._estimator_options = dict(estimator_options or {})
-        self.k, self.refresh_every, self.tol, self.max_iter = k, refresh_every, tol, max_iter
-        self.seed, self.negative = seed, negative
-        self._eigenpairs_options = dict(eigenpairs_options or {})
         self._params = [p for group in self.param_groups for p in group["params"]]
         self.num_params = sum(p.numel() for p in self._params)
-        if k > self.num_params:
+        if self.k > self.num_params:
             raise InvalidInputError(f"k={k} exceeds the number of parameters {self.num_params}")
+        self.curvature = curvature if build is None else build(self._params)
         self._groups_fixed = True
 
     def add_param_group(self, param_group: dict) -> None:
@@ -179,47 +183,43 @@ class LanczosOPT(Optimizer):
         return value
 
     # ------------------------------------------------------------------ eigenbasis
-    def _estimator(self) -> CurvatureEstimator:
-        if self._factory is not None:
-            est = self._factory()
-        else:
-            from curvlab.registry import estimator
-
-            est = estimator(
-                self._backend,
-                self._model,
-                self._loss_fn,
-                self._data,
-                curvature=self._curvature,
-                params=self._params,
-                **self._estimator_options,
-            )
-        if not isinstance(est, CurvatureEstimator):
+    def _operator(self) -> Any:
+        """The curvature operator for this refresh (the factory's product, checked)."""
+        op = self.curvature if is_operator(self.curvature) else self.curvature()
+        if not is_operator(op):
             raise InvalidInputError(
-                f"estimator_factory returned {type(est).__name__}, not a CurvatureEstimator"
+                f"the curvature factory returned {type(op).__name__}, not an Operator "
+                "(num_params, dtype, device, matvec)"
             )
-        if sorted(map(id, est.params)) != sorted(map(id, self._params)):
+        own = getattr(op, "params", None)
+        if own is not None and sorted(map(id, own)) != sorted(map(id, self._params)):
             raise InvalidInputError(
                 "the estimator must differentiate exactly the optimizer's parameters: build it "
                 "with params=<the optimizer's parameters> or from the same model"
             )
-        return est
+        if op.num_params != self.num_params:
+            raise InvalidInputError(
+                f"the curvature operator has {op.num_params} rows but the optimizer's "
+                f"parameters have {self.num_params} entries; build it over exactly them"
+            )
+        return op
 
     def _refresh(self, step: int) -> None:
-        est = self._estimator()
+        op = self._operator()
         try:
             with torch.enable_grad():
-                pairs = est.eigenpairs(
-                    k=self.k, which="largest", tol=self.tol, max_iter=self.max_iter,
-                    seed=self.seed + step, **self._eigenpairs_options,
-                )
+                pairs = self.eigensolver(op, self.k, step)
         finally:
-            est.release()
-        vectors = pairs.vectors.detach()
-        if [id(p) for p in est.params] != [id(p) for p in self._params]:
-            vectors = self._to_optimizer_order(est.params, vectors)
+            release = getattr(op, "release", None)  # cached graphs are stale after a step
+            if callable(release):
+                release()
+        cast = {"dtype": self._params[0].dtype, "device": self._params[0].device}
+        vectors = pairs.vectors.detach().to(**cast)
+        own = getattr(op, "params", None)
+        if own is not None and [id(p) for p in own] != [id(p) for p in self._params]:
+            vectors = self._to_optimizer_order(own, vectors)
         state = self._global_state
-        state["eigenvalues"] = pairs.values.detach().clone()
+        state["eigenvalues"] = pairs.values.detach().to(**cast).clone()
         state["eigenvectors"] = vectors.clone()
 
     def _to_optimizer_order(self, est_params, vectors: torch.Tensor) -> torch.Tensor:
@@ -257,8 +257,7 @@ class LanczosOPT(Optimizer):
         state = self._global_state
         step = int(state.get("step", 0))
         delta, eta = self._damping(step), self._shared("eta")
-        if not eta > 0:
-            raise InvalidInputError(f"eta must be positive, got {eta!r}")
+        check_positive("eta", eta)
         if "eigenvectors" not in state or step % self.refresh_every == 0:
             self._refresh(step)
         direction = lanczos_direction(
