@@ -70,7 +70,30 @@ def summarize(records: Iterable[dict], metrics: Iterable[str] | None = None) -> 
 
 
 def write_csv(rows: Iterable[dict], path: str | Path) -> Path:
-    """Write dict rows to ``path`` as CSV (the union of their keys as the header)."""
+    """Write dict rows to ``path`` as CSV (the union of their keys as the header).
+
+    Parameters
+    ----------
+    rows : iterable of dict
+        The rows (missing keys are left empty).
+    path : str or Path
+        The file to write (overwritten).
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from curvlab.shrinkage.table import write_csv
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     out = write_csv([{"a": 1}, {"a": 2, "b": 3}], Path(folder) / "rows.csv")
+    ...     out.read_text().splitlines()
+    ['a,b', '1,', '2,3']
+    """
     rows = list(rows)
     fields = list(dict.fromkeys(k for r in rows for k in r))
     path = Path(path)
@@ -101,6 +124,22 @@ def plot(records: Iterable[dict], metric: str = "frobenius", *, ax: Any = None,
     Returns
     -------
     matplotlib.figure.Figure
+        The figure drawn on (``ax.figure`` when ``ax`` is given).
+
+    Raises
+    ------
+    BackendUnavailableError
+        Without matplotlib.
+    InvalidInputError
+        When no record has a value for ``metric``.
+
+    Examples
+    --------
+    >>> from curvlab.shrinkage.table import plot
+    >>> records = [{"batch_size": b, "estimator": "raw", "frobenius": 1.0 / b} for b in (4, 8)]
+    >>> fig = plot(records)  # a Figure; nothing is written without path=
+    >>> fig.axes[0].get_xlabel()
+    'batch size'
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -137,6 +176,11 @@ def plot(records: Iterable[dict], metric: str = "frobenius", *, ax: Any = None,
 class Comparison(list):
     """``compare``'s records (a list of dicts) with a summary and outputs.
 
+    Parameters
+    ----------
+    iterable : iterable of dict, optional
+        The records: ``batch_size``, ``repeat``, ``estimator`` and metric fields.
+
     Examples
     --------
     >>> table = Comparison([{"batch_size": 8, "repeat": 0, "estimator": "raw", "frobenius": 2.0}])
@@ -145,15 +189,55 @@ class Comparison(list):
     """
 
     def summary(self, metrics: Iterable[str] | None = None) -> list[dict]:
-        """Mean ± standard error over repeats (see :func:`summarize`)."""
+        """Mean ± standard error over repeats (see :func:`summarize`).
+
+        Parameters
+        ----------
+        metrics : iterable of str, optional
+            The fields to summarise (default :data:`METRICS` where present).
+
+        Returns
+        -------
+        list of dict
+            Rows ``{batch_size, estimator, metric, mean, stderr, n}``.
+        """
         return summarize(self, metrics)
 
     def to_csv(self, path: str | Path, *, summary: bool = False) -> Path:
-        """Write the records (or, with ``summary``, the summary rows) as CSV."""
+        """Write the records (or, with ``summary``, the summary rows) as CSV.
+
+        Parameters
+        ----------
+        path : str or Path
+            The file to write (overwritten).
+        summary : bool, default False
+            Write :meth:`summary` instead of the records.
+
+        Returns
+        -------
+        Path
+            ``path``.
+        """
         return write_csv(self.summary() if summary else self, path)
 
     def to_pandas(self, *, summary: bool = False):
-        """The records (or the summary) as a pandas DataFrame (pandas is optional)."""
+        """The records (or the summary) as a pandas DataFrame (pandas is optional).
+
+        Parameters
+        ----------
+        summary : bool, default False
+            Return :meth:`summary` instead of the records.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per record (or summary row).
+
+        Raises
+        ------
+        BackendUnavailableError
+            Without pandas.
+        """
         try:
             import pandas as pd
         except ImportError as exc:
@@ -165,5 +249,22 @@ class Comparison(list):
 
     def plot(self, metric: str = "frobenius", *, ax: Any = None,
              path: str | Path | None = None, log: bool = True):
-        """Mean ± standard error against the batch size (see :func:`plot`)."""
+        """Mean ± standard error against the batch size (see :func:`plot`).
+
+        Parameters
+        ----------
+        metric : str, default "frobenius"
+            The field to plot.
+        ax : matplotlib Axes, optional
+            Draw there (default: a new Figure).
+        path : str or Path, optional
+            Also save the figure there.
+        log : bool, default True
+            Logarithmic axes.
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+            The figure drawn on.
+        """
         return plot(self, metric, ax=ax, path=path, log=log)
