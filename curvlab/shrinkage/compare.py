@@ -177,6 +177,7 @@ def compare(
         Unfitted estimators (named by class when not a mapping); the raw batch estimate is
         added as "raw".
     batch_sizes : iterable of int
+        The batch sizes B to draw.
     samples : array-like or torch.Tensor [n, P], optional
         A pool of vector samples of a [P, P] truth (its population covariance).
     n_repeats : int, default 1
@@ -187,8 +188,10 @@ def compare(
         Top eigenvectors of the truth whose overlaps are recorded.
     sampler : callable, optional
         ``sampler(batch_size, seed)`` -> a batch, instead of the truth's own.
-    csv_path, plot_path : str or Path, optional
-        Also write the records as CSV, and the Frobenius error with error bars as a plot.
+    csv_path : str or Path, optional
+        Also write the records there as CSV.
+    plot_path : str or Path, optional
+        Also save the Frobenius error with error bars there as a plot.
     progress : bool or None, default None
         A bar on stderr (None: when stderr is a terminal).
     callback : callable, optional
@@ -201,6 +204,13 @@ def compare(
         ``frobenius``, ``relative_frobenius``, ``spectral``, ``overlap_i``, ``shrinkage``,
         ``damping``, ``noise_variance``, ``seconds``) with ``summary()``, ``to_csv()``,
         ``to_pandas()`` and ``plot(ax=...)``.
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022) (the per-dimension Frobenius objective, eq. 15).
+    O. Ledoit and M. Wolf, "A well-conditioned estimator for large-dimensional covariance
+    matrices", J. Multivariate Anal. 88(2) (2004).
 
     Examples
     --------
@@ -266,10 +276,18 @@ def heldout_score(estimate: Any, other: Any, n_probes: int = 10, seed: Seed = 0)
     n_probes : int, default 10
         Probes (>= 2); the standard error is their spread.
     seed : int or torch.Generator, default 0
+        The probes.
 
     Returns
     -------
     Estimate
+        ``value`` (the score), ``stderr`` (the probes' spread / sqrt(n_probes)) and
+        ``n_matvecs``.
+
+    References
+    ----------
+    M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for
+    Laplacian smoothing splines", Commun. Stat. Simul. Comput. 18 (1989) (E v v^T = I).
 
     Examples
     --------
