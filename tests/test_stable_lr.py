@@ -8,9 +8,10 @@ import math
 import pytest
 import scipy.linalg
 import torch
-from conftest import dense_hessian
+from conftest import dense_ggn, dense_hessian
 from torch import nn
 
+import curvlab
 from curvlab.errors import InvalidInputError, UnsupportedCapabilityError
 from curvlab.optim import KFAC, KFACFactors, largest_stable_lr
 from curvlab.optim.stable_lr import default_grid, preconditioned_sharpness
@@ -197,6 +198,26 @@ def test_sgd_sharpness_is_the_top_hessian_eigenvalue():
         truth, rel=1e-6
     )
     assert preconditioned_sharpness(model, ce, (x, y), tol=1e-8) == pytest.approx(truth, rel=1e-6)
+
+
+def test_sharpness_takes_an_estimator_factory_as_the_backend():
+    """A backend name is an alias of curvlab.estimator(name, ...); any factory
+    (model, loss_fn, data, params=) -> Operator may provide H instead: here the dense GGN,
+    whose top eigenvalue is the truth."""
+    model, x, y = small_classifier()
+    ce = nn.CrossEntropyLoss()
+    ggn = dense_ggn(model, ce, x, y)
+    seen = []
+
+    def dense_factory(model_, loss_fn, data, params):
+        seen.append(len(params))
+        return curvlab.DenseOperator(ggn)
+
+    got = preconditioned_sharpness(model, ce, (x, y), backend=dense_factory, tol=1e-8)
+    assert got == pytest.approx(float(torch.linalg.eigvalsh(ggn)[-1]), rel=1e-6)
+    assert seen == [4]
+    with pytest.raises(InvalidInputError, match="backend must be a backend name or"):
+        preconditioned_sharpness(model, ce, (x, y), backend=3)
 
 
 @pytest.mark.parametrize("amsgrad", [False, True])

@@ -26,6 +26,7 @@ Definition used by :func:`largest_stable_lr`: a learning rate is *stable* if, af
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from torch import nn
 from curvlab._params import _is_batch, as_batches
 from curvlab.errors import InvalidInputError, UnsupportedCapabilityError
 from curvlab.operators import Operator
-from curvlab.validation import check_int, check_probability
+from curvlab.validation import check_callable, check_int, check_probability
 
 
 @dataclass(frozen=True)
@@ -380,7 +381,7 @@ def preconditioned_sharpness(
     data,
     optimizer=None,
     *,
-    backend: str = "autograd",
+    backend: str | Callable[..., Operator] = "autograd",
     tol: float = 1e-3,
     seed: int = 0,
 ) -> float:
@@ -403,8 +404,10 @@ def preconditioned_sharpness(
         with amsgrad). :class:`curvlab.optim.KFAC`: B = G (x) A + delta I per layer from its
         running factors and current damping (exact damping; KL clipping, which only shortens
         steps, is ignored), B = I on parameters outside its layers.
-    backend : str, default "autograd"
-        The curvature backend that provides H.
+    backend : str or callable, default "autograd"
+        What provides H: a backend name (an alias of ``curvlab.estimator(backend, ...)``) or
+        a factory ``(model, loss_fn, data, params=...) -> Operator``, such as
+        ``functools.partial(curvlab.estimator, "backpack", cache=False)``.
     tol : float, default 1e-3
         Relative tolerance of the Lanczos eigenvalue.
     seed : int, default 0
@@ -449,7 +452,10 @@ def preconditioned_sharpness(
             f"preconditioned_sharpness knows the preconditioner of SGD, Adam, AdamW and "
             f"curvlab's KFAC, not of {type(optimizer).__name__}"
         )
-    hess = estimator(backend, model, loss_fn, data, params=params)
+    build = functools.partial(estimator, backend) if isinstance(backend, str) else backend
+    hess = check_callable("backend", build, what="a backend name or an estimator factory")(
+        model, loss_fn, data, params=params
+    )
     op = hess if inv_sqrt is None else _Preconditioned(hess, params, inv_sqrt)
     try:
         return float(op.eigenpairs(k=1, tol=tol, seed=seed).values[0])
