@@ -31,12 +31,36 @@ ONE_SAMPLE_WARNING = "Only one sample available. You may want to reshape your da
 
 
 class InputTypeError(InvalidInputError, TypeError):
-    """Input of a type curvlab cannot read (sparse data, non-numeric objects)."""
+    """Input of a type curvlab cannot read (sparse data, non-numeric objects).
+
+    Also a ``TypeError`` (as scikit-learn raises) and an ``InvalidInputError``.
+
+    Examples
+    --------
+    >>> import scipy.sparse
+    >>> from curvlab.shrinkage import InputTypeError, LedoitWolf
+    >>> try:
+    ...     LedoitWolf().fit(scipy.sparse.eye(3, format="csr"))
+    ... except InputTypeError as error:
+    ...     print(str(error)[:40])
+    Sparse data was passed for X, but dense
+    """
 
 
 class NotFittedError(CurvlabError, ValueError, AttributeError):
     """A fitted attribute or method was used before ``fit`` (scikit-learn's NotFittedError
-    is also a ValueError and an AttributeError, so ``hasattr`` stays False)."""
+    is also a ValueError and an AttributeError, so ``hasattr`` stays False).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvlab.shrinkage import LedoitWolf, NotFittedError
+    >>> try:
+    ...     LedoitWolf().matvec(np.ones(3))
+    ... except NotFittedError as error:
+    ...     print(str(error)[:40])
+    This LedoitWolf instance is not fitted y
+    """
 
 
 def _is_sparse(X: Any) -> bool:
