@@ -77,6 +77,21 @@ class LossSpec:
         smoothing, other losses).
     name : str
         The loss's class name, for messages.
+
+    Raises
+    ------
+    InvalidInputError
+        For a loss that is not callable or not mean-reduced (``reduction="sum"`` or
+        ``"none"``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from curvlab.losses import LossSpec
+    >>> spec = LossSpec(nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0])))
+    >>> spec.kind, spec.normaliser(torch.tensor([0, 1, 1]))  # W = 1 + 3 + 3
+    (None, 7.0)
     """
 
     def __init__(self, loss_fn):
@@ -110,14 +125,39 @@ class LossSpec:
             return self.loss_fn(out, y)
 
     def summed(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """S_b: the sum of the samples' contributions, with ``loss = S_b / W_b``."""
+        """S_b: the sum of the samples' contributions, with ``loss = S_b / W_b``.
+
+        Parameters
+        ----------
+        out : torch.Tensor
+            The model's output on the batch.
+        y : torch.Tensor
+            The targets.
+
+        Returns
+        -------
+        torch.Tensor
+            A scalar, differentiable in ``out``.
+        """
         if self._sum is not None and not y.is_floating_point():
             with no_global_hooks():
                 return self._sum(out, y)
         return out.shape[0] * self(out, y)
 
     def normaliser(self, y: torch.Tensor) -> float:
-        """W_b, the loss's normaliser for targets ``y`` (independent of the parameters)."""
+        """W_b, the loss's normaliser for targets ``y`` (independent of the parameters).
+
+        Parameters
+        ----------
+        y : torch.Tensor
+            The batch's targets.
+
+        Returns
+        -------
+        float
+            n_b for a per-sample mean; for class-index targets of CrossEntropyLoss /
+            NLLLoss, the summed class weights of the labels other than ``ignore_index``.
+        """
         if self._sum is None or y.is_floating_point():
             return float(y.shape[0])
         valid = y != self.loss_fn.ignore_index
@@ -128,14 +168,41 @@ class LossSpec:
 
     def uniform(self, batches) -> bool:
         """Whether every sample counts once (W_b = n_b): no class weights, no ignored
-        labels, no extra positions per sample."""
+        labels, no extra positions per sample.
+
+        Parameters
+        ----------
+        batches : iterable of (torch.Tensor, torch.Tensor)
+            The (x, y) batches.
+
+        Returns
+        -------
+        bool
+            True when per-sample rows need no rescaling.
+        """
         return all(
             self.normaliser(y) == y.shape[0] or (not self.class_index) for _, y in batches
         ) and not (self.class_index and getattr(self.loss_fn, "weight", None) is not None)
 
     # ------------------------------------------------------------------ checks
     def check_targets(self, out: torch.Tensor, y: torch.Tensor, where: str) -> None:
-        """Refuse targets the loss would silently mis-read (dtype, range, shape)."""
+        """Refuse targets the loss would silently mis-read (dtype, range, shape).
+
+        Parameters
+        ----------
+        out : torch.Tensor
+            The model's output on the batch.
+        y : torch.Tensor
+            The targets.
+        where : str
+            Names the batch in messages (e.g. ``"batch 3"``).
+
+        Raises
+        ------
+        InvalidInputError
+            For labels of the wrong dtype or out of range, targets that torch would
+            broadcast against the outputs, or non-floating targets of a regression loss.
+        """
         if self.class_index and not y.is_floating_point():
             if y.dtype != torch.long:
                 raise InvalidInputError(
@@ -186,7 +253,30 @@ class LossSpec:
     def check_batch(self, out: torch.Tensor, y: torch.Tensor, where: str) -> torch.Tensor:
         """Check one batch's targets and its loss: a finite scalar that equals
         ``summed / normaliser`` (and, for a plain callable, the size-weighted mean of its
-        halves' losses: a per-sample average). Shapes already seen are not re-checked."""
+        halves' losses: a per-sample average). Shapes already seen are not re-checked.
+
+        Parameters
+        ----------
+        out : torch.Tensor
+            The model's output on the batch.
+        y : torch.Tensor
+            The targets.
+        where : str
+            Names the batch in messages.
+
+        Returns
+        -------
+        torch.Tensor
+            The batch's loss.
+
+        Raises
+        ------
+        InvalidInputError
+            For bad targets, a non-scalar loss, or a loss that does not average over
+            samples.
+        NumericalError
+            For a loss that is NaN or infinite.
+        """
         self.check_targets(out, y, where)
         loss = self(out, y)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -245,7 +335,32 @@ def _likelihood(loss_fn) -> str | None:
 
 
 def fisher_scale(kind: str, out: torch.Tensor) -> float:
-    """c in l_n = c * (-log p): 1 for CE, 2/D for MSE, 1/D for BCE (D outputs per sample)."""
+    """c in l_n = c * (-log p): 1 for CE, 2/D for MSE, 1/D for BCE (D outputs per sample).
+
+    Parameters
+    ----------
+    kind : {"ce", "mse", "bce"}
+        The likelihood (``LossSpec.kind``).
+    out : torch.Tensor
+        The model's output, [n, ...]; D is the size of one sample's output.
+
+    Returns
+    -------
+    float
+        c.
+
+    References
+    ----------
+    J. Martens, "New insights and perspectives on the natural gradient method", JMLR 21
+    (2020) (the Fisher of a likelihood loss equals its GGN for canonical links).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.losses import fisher_scale
+    >>> fisher_scale("mse", torch.zeros(8, 4)), fisher_scale("ce", torch.zeros(8, 10))
+    (0.5, 1.0)
+    """
     per_sample = out[0].numel()
     return {"ce": 1.0, "mse": 2.0 / per_sample, "bce": 1.0 / per_sample}[kind]
 
@@ -256,6 +371,40 @@ def sample_residuals(
     """[M, n, D] scaled gradients sqrt(c) * grad_f(-log p(y~ | f)) at sampled labels y~ ~ p(.|f).
 
     E over samples of r r^T equals the output Hessian of l_n (Monte-Carlo Fisher).
+
+    Parameters
+    ----------
+    kind : {"ce", "mse", "bce"}
+        The likelihood.
+    out : torch.Tensor
+        [n, ...] the model's outputs (logits for CE and BCE); CE needs [n, C].
+    mc_samples : int
+        M, labels drawn per sample.
+    generator : torch.Generator
+        The draws.
+
+    Returns
+    -------
+    torch.Tensor
+        [M, n, D] residuals.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For CrossEntropyLoss with outputs that are not [n, C].
+
+    References
+    ----------
+    J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML (2015) (the Monte-Carlo Fisher).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.losses import sample_residuals
+    >>> r = sample_residuals("ce", torch.zeros(3, 4), 2, torch.Generator().manual_seed(0))
+    >>> r.shape, bool(torch.allclose(r.sum(-1), torch.zeros(2, 3)))  # p - onehot sums to 0
+    (torch.Size([2, 3, 4]), True)
     """
     out = out.detach()
     n = out.shape[0]
