@@ -98,12 +98,30 @@ def _weight_hooks() -> tuple[type, ...]:
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel, DataParallel and torch.compile wrappers.
 
+    Parameters
+    ----------
+    model : nn.Module
+        The user's model, possibly wrapped (several times).
+
+    Returns
+    -------
+    nn.Module
+        The innermost module (``model`` itself when unwrapped).
+
     Raises
     ------
     InvalidInputError
         For objects that are not modules.
     UnsupportedModelError
         For FullyShardedDataParallel (each rank holds only a shard of the parameters).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from curvlab.model_view import unwrap
+    >>> inner = nn.Linear(2, 1)
+    >>> unwrap(nn.DataParallel(inner)) is inner
+    True
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -129,6 +147,21 @@ class MaskTape:
     ``record`` draws each mask from the current RNG (as the layer itself would) and keeps
     it; ``replay`` hands out given masks in the same order (the masks of a subset of the
     samples, sliced along the batch dimension).
+
+    Parameters
+    ----------
+    replay : sequence of torch.Tensor, optional
+        Masks to hand out in order (replay mode); None records new ones.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.model_view import MaskTape
+    >>> tape = MaskTape()
+    >>> drawn = tape.mask("drop", torch.ones(4, 2), lambda x: torch.bernoulli(0.5 * x))
+    >>> replay = MaskTape([m[:2] for m in tape.masks])  # the first two samples' masks
+    >>> torch.equal(replay.mask("drop", torch.ones(2, 2), None), drawn[:2])
+    True
     """
 
     def __init__(self, replay: Sequence[torch.Tensor] | None = None):
@@ -137,6 +170,28 @@ class MaskTape:
         self._next = 0
 
     def mask(self, name: str, x: torch.Tensor, draw) -> torch.Tensor:
+        """The next mask for input ``x``: drawn (and kept) when recording, else replayed.
+
+        Parameters
+        ----------
+        name : str
+            The layer's name, for messages.
+        x : torch.Tensor
+            The layer's input; a replayed mask must have its shape.
+        draw : callable
+            ``draw(x)`` draws a new mask from the current RNG (recording only).
+
+        Returns
+        -------
+        torch.Tensor
+            The mask.
+
+        Raises
+        ------
+        UnsupportedModelError
+            When replaying runs out of masks or a mask does not match ``x``'s shape (the
+            layer's masks do not follow the batch dimension).
+        """
         if not self.replaying:
             m = draw(x)
             self.masks.append(m.detach())
@@ -343,17 +398,35 @@ def hook_free_copy(
     Parameters
     ----------
     model : nn.Module
-    parameter, buffer : callable, optional
-        Map each (distinct) parameter / buffer of ``model`` to the copy's (default: the same
-        tensor). Tied tensors stay tied.
+        The module to copy (left unchanged).
+    parameter : callable, optional
+        Maps each (distinct) parameter of ``model`` to the copy's (default: the same
+        tensor). Tied parameters stay tied.
+    buffer : callable, optional
+        The same for buffers.
     functional_layers : bool, default True
         Swap BatchNorm, Dropout and MultiheadAttention for their view versions (see module
         docstring); False keeps every class as it is (for backends that dispatch on it).
 
     Returns
     -------
-    (copy, modules)
-        The copy and ``{id(original submodule): copied submodule}``.
+    copy : nn.Module
+        The copy, without forward, backward or state-dict hooks (weight-computing
+        forward-pre-hooks such as ``weight_norm`` are kept).
+    modules : dict of int to nn.Module
+        ``{id(original submodule): copied submodule}``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from curvlab.model_view import hook_free_copy
+    >>> model = nn.Linear(2, 1)
+    >>> _ = model.register_forward_hook(lambda *args: print("hook fired"))
+    >>> copy, _ = hook_free_copy(model)
+    >>> _ = copy(torch.ones(1, 2))  # prints nothing
+    >>> copy.weight is model.weight
+    True
     """
     keep = _weight_hooks()
     from torch.nn.utils.weight_norm import WeightNorm
@@ -397,7 +470,13 @@ def hook_free_copy(
 @contextlib.contextmanager
 def no_global_hooks() -> Iterator[None]:
     """Disable the global module hooks (``register_module_forward_hook`` and friends) inside
-    the block; they are restored afterwards, even on error."""
+    the block; they are restored afterwards, even on error.
+
+    Yields
+    ------
+    None
+        Inside the block no global module hook fires.
+    """
     saved = {name: getattr(_module_globals, name) for name in _GLOBAL_HOOKS}
     if not any(saved.values()):
         yield
@@ -415,7 +494,31 @@ def no_global_hooks() -> Iterator[None]:
 def seeded_rng(seed: int, device: torch.device) -> Iterator[None]:
     """Run the block as after ``torch.manual_seed(seed)`` (CPU and ``device``'s CUDA
     generator), restoring both generators' states afterwards: the user's RNG is neither
-    read nor advanced."""
+    read nor advanced.
+
+    Parameters
+    ----------
+    seed : int
+        The seed.
+    device : torch.device
+        Also seeds this device's CUDA generator when it is a CUDA device.
+
+    Yields
+    ------
+    None
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.model_view import seeded_rng
+    >>> before = torch.random.get_rng_state()
+    >>> with seeded_rng(3, torch.device("cpu")):
+    ...     a = torch.rand(2)
+    >>> torch.equal(a, torch.rand(2, generator=torch.Generator().manual_seed(3)))
+    True
+    >>> torch.equal(torch.random.get_rng_state(), before)  # the global RNG is untouched
+    True
+    """
     cpu = torch.random.get_rng_state()
     cuda_index = None
     if device.type == "cuda":
@@ -445,7 +548,28 @@ _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     """Exact content checksums of ``tensors`` (sum and sum of squares of their bit patterns,
     in wrapping int64 arithmetic): any write changes them, including writes through
-    ``.data`` that bypass version counters."""
+    ``.data`` that bypass version counters.
+
+    Parameters
+    ----------
+    tensors : sequence of torch.Tensor
+        The tensors to fingerprint.
+
+    Returns
+    -------
+    tuple of int
+        Two integers per tensor (empty for no tensors).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.model_view import fingerprint
+    >>> w = torch.zeros(3)
+    >>> before = fingerprint([w])
+    >>> w.data[0] = 1.0  # .data bypasses the version counter, not the fingerprint
+    >>> fingerprint([w]) == before
+    False
+    """
     sums = []
     for t in tensors:
         bits = t.detach()
@@ -474,6 +598,21 @@ class ModelView:
         module of the view to that mode (the user's model is never switched).
     functional_layers : bool, default True
         See :func:`hook_free_copy`.
+
+    Raises
+    ------
+    InvalidInputError
+        For an unknown ``mode`` or a model that is not a module.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from curvlab.model_view import ModelView
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)).train()
+    >>> view = ModelView(model, mode="eval")
+    >>> view.stochastic(), model.training  # the view is in eval mode, the model is not
+    ([], True)
     """
 
     def __init__(
@@ -516,7 +655,10 @@ class ModelView:
 
     @property
     def parameters(self) -> list[nn.Parameter]:
-        """The view's aliases of the trainable parameters, in ``trainable`` order."""
+        """The view's aliases of the trainable parameters, in ``trainable`` order.
+
+        A list of ``nn.Parameter`` on the same storage as the user's parameters.
+        """
         return [self.module.get_parameter(n) for n in self.trainable]
 
     def source_parameters(self) -> list[nn.Parameter]:
@@ -530,7 +672,11 @@ class ModelView:
             ) from exc
 
     def sync_modes(self) -> None:
-        """Copy the user's train/eval flags into the view (or apply the forced mode)."""
+        """Copy the user's train/eval flags into the view (or apply the forced mode).
+
+        Module by module, so a model with some submodules in eval mode is mirrored
+        exactly; with ``mode`` set every module of the view gets that mode.
+        """
         for src, view in self._pairs:
             view.training = src.training if self.mode is None else self.mode == "train"
 
@@ -546,7 +692,14 @@ class ModelView:
         )
 
     def sync(self) -> bool:
-        """Bring the view up to date with the user's model; True if anything changed."""
+        """Bring the view up to date with the user's model; True if anything changed.
+
+        Returns
+        -------
+        bool
+            Whether parameters, buffers, modes or the module structure changed since the
+            last sync (the view is rebuilt when parameters were replaced or modules added).
+        """
         key = self.state_key()
         if key == self._key:
             return False
@@ -564,7 +717,20 @@ class ModelView:
 
     # ------------------------------------------------------------------ reading the view
     def modules_in(self, kind: type, *, training: bool | None = None) -> list[str]:
-        """Names of the view's modules of ``kind`` (optionally only those in that mode)."""
+        """Names of the view's modules of ``kind`` (optionally only those in that mode).
+
+        Parameters
+        ----------
+        kind : type
+            A module class (or tuple of classes).
+        training : bool, optional
+            Only modules in train (True) or eval (False) mode; default both.
+
+        Returns
+        -------
+        list of str
+            Their qualified names (the class name for the root).
+        """
         return [
             name or type(m).__name__
             for name, m in self.module.named_modules()
@@ -582,7 +748,14 @@ class ModelView:
         ]
 
     def stochastic(self) -> list[str]:
-        """Modules that draw random masks in their current mode."""
+        """Modules that draw random masks in their current mode.
+
+        Returns
+        -------
+        list of str
+            Names of the Dropout layers with p > 0 and MultiheadAttention layers with
+            dropout > 0 that are in train mode in the view.
+        """
         return [
             name or type(m).__name__
             for name, m in self.module.named_modules()
@@ -602,7 +775,23 @@ class ModelView:
         tape: MaskTape | None = None,
     ) -> torch.Tensor:
         """``model(x)`` on the view with ``params`` (name -> tensor) substituted; the masks
-        of stochastic layers are recorded on, or replayed from, ``tape``."""
+        of stochastic layers are recorded on, or replayed from, ``tape``.
+
+        Parameters
+        ----------
+        params : mapping of str to torch.Tensor
+            Parameters substituted by name (``{}``: the view's aliases).
+        x : torch.Tensor
+            The input.
+        tape : MaskTape, optional
+            Records or replays the masks of stochastic layers (default: fresh draws from
+            the current RNG).
+
+        Returns
+        -------
+        torch.Tensor
+            The output; no hook of the user's (global ones included) fires.
+        """
         token = _TAPE.set(tape)
         try:
             with no_global_hooks(), _math_attention():
