@@ -56,7 +56,33 @@ KRONECKER_LAYERS = (nn.Linear, nn.Conv2d)
 @dataclass(frozen=True)
 class KroneckerBlock:
     """One Kronecker block: ``kind`` is "joint" ([W | b], factor A of size d_in + 1),
-    "weight" (G (x) A) or "bias" (G); ``weight``/``bias`` index the parameter list."""
+    "weight" (G (x) A) or "bias" (G); ``weight``/``bias`` index the parameter list.
+
+    Attributes
+    ----------
+    layer : str
+        The layer's module name ("" for the root).
+    kind : {"joint", "weight", "bias"}
+        Which parameters the block covers.
+    weight : int or None
+        Position of the weight in the parameter list.
+    bias : int or None
+        Position of the bias.
+
+    References
+    ----------
+    J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML (2015), section 3.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from curvlab.kronecker import kronecker_blocks
+    >>> layer = nn.Linear(3, 2)
+    >>> blocks = kronecker_blocks(layer, list(layer.parameters()), separate_weight_and_bias=True)
+    >>> [(b.kind, b.weight, b.bias) for b in blocks]
+    [('weight', 0, None), ('bias', None, 1)]
+    """
 
     layer: str
     kind: str
@@ -67,7 +93,34 @@ class KroneckerBlock:
 @dataclass(frozen=True)
 class LayerEigen:
     """Eigendecompositions of one layer's factors (``evals_A``/``evecs_A`` None without a
-    weight); ``corrected`` holds EKFAC's eigenvalues per block kind, None for KFAC."""
+    weight); ``corrected`` holds EKFAC's eigenvalues per block kind, None for KFAC.
+
+    Attributes
+    ----------
+    evals_A : torch.Tensor or None
+        Eigenvalues of the input factor A (clamped at 0).
+    evecs_A : torch.Tensor or None
+        Its eigenvectors Q_A (columns).
+    evals_G : torch.Tensor
+        Eigenvalues of the output-gradient factor G.
+    evecs_G : torch.Tensor
+        Its eigenvectors Q_G.
+    corrected : dict of str to torch.Tensor or None, default None
+        EKFAC's [d_out, d_in'] eigenvalues in the basis Q_G (x) Q_A, by block kind.
+
+    References
+    ----------
+    T. George, C. Laurent, X. Bouthillier, N. Ballas and P. Vincent, "Fast approximate
+    natural gradient descent in a Kronecker-factored eigenbasis", NeurIPS (2018) (EKFAC).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.kronecker import eigendecompose
+    >>> eig = eigendecompose(torch.diag(torch.tensor([1.0, 4.0])), 2 * torch.eye(1))
+    >>> eig.evals_A, eig.evals_G, eig.corrected
+    (tensor([1., 4.]), tensor([2.]), None)
+    """
 
     evals_A: torch.Tensor | None
     evecs_A: torch.Tensor | None
@@ -84,13 +137,24 @@ def split_params(model: nn.Module, names: Sequence[str]) -> tuple[list[int], lis
     Parameters
     ----------
     model : nn.Module
+        The model owning the parameters.
     names : sequence of str
         Parameter names of ``model`` (as ``named_parameters`` gives them).
 
     Returns
     -------
-    (list of int, list of str)
-        Positions in ``names`` with Kronecker factors, and the others described.
+    kronecker : list of int
+        Positions in ``names`` with Kronecker factors.
+    other : list of str
+        The others, described as "name (Module)".
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from curvlab.kronecker import split_params
+    >>> model = nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2))
+    >>> split_params(model, [name for name, _ in model.named_parameters()])
+    ([0, 1], ['1.weight (LayerNorm)', '1.bias (LayerNorm)'])
     """
     kfac, other = [], []
     for i, name in enumerate(names):
@@ -113,10 +177,30 @@ def parameter_mapping(
     of ``params`` (i, j their positions), in module order; parameters are matched by
     storage, as curvlinops' ``KFACLinearOperator.compute_parameter_mapping`` does.
 
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    params : sequence of torch.Tensor
+        The parameters, in the order of the flat vectors.
+
+    Returns
+    -------
+    dict of str to dict of str to int
+        The layers and the positions of their weight and bias.
+
     Raises
     ------
     UnsupportedModelError
         A parameter that is not the weight or bias of such a layer.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from curvlab.kronecker import parameter_mapping
+    >>> model = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1, bias=False))
+    >>> parameter_mapping(model, list(model.parameters()))
+    {'0': {'weight': 0, 'bias': 1}, '2': {'weight': 2}}
     """
     position = {p.data_ptr(): i for i, p in enumerate(params)}
     mapping: dict[str, dict[str, int]] = {}
@@ -143,7 +227,18 @@ def parameter_mapping(
 
 def refuse_shared(mapping: dict[str, dict[str, int]]) -> None:
     """Raise if a parameter sits in two layers (tied weights): two Kronecker blocks sharing
-    a parameter are not a Kronecker-factored matrix."""
+    a parameter are not a Kronecker-factored matrix.
+
+    Parameters
+    ----------
+    mapping : dict of str to dict of str to int
+        From :func:`parameter_mapping`.
+
+    Raises
+    ------
+    UnsupportedModelError
+        When a position appears under two layers; the message names the alternatives.
+    """
     owners: dict[int, list[str]] = {}
     for layer, pos in mapping.items():
         for index in pos.values():
@@ -160,7 +255,20 @@ def refuse_shared(mapping: dict[str, dict[str, int]]) -> None:
 
 def layer_blocks(mapping: dict[str, dict[str, int]], separate: bool) -> list[KroneckerBlock]:
     """Blocks from a {layer: {"weight": i, "bias": j}} parameter mapping: one joint block
-    per layer with both, unless ``separate``."""
+    per layer with both, unless ``separate``.
+
+    Parameters
+    ----------
+    mapping : dict of str to dict of str to int
+        From :func:`parameter_mapping`.
+    separate : bool
+        Give weight and bias their own blocks ("weight" and "bias") instead of one "joint".
+
+    Returns
+    -------
+    list of KroneckerBlock
+        In the mapping's (module) order.
+    """
     blocks = []
     for layer, pos in mapping.items():
         w, b = pos.get("weight"), pos.get("bias")
@@ -178,7 +286,33 @@ def kronecker_blocks(
     model: nn.Module, params: Sequence[torch.Tensor], separate_weight_and_bias: bool = False
 ) -> list[KroneckerBlock]:
     """The Kronecker blocks of ``params`` (all weights or biases of Linear/Conv2d layers;
-    tied weights refused)."""
+    tied weights refused).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    params : sequence of torch.Tensor
+        The parameters, in the order of the flat vectors.
+    separate_weight_and_bias : bool, default False
+        One block per weight and per bias instead of a joint [W | b] block.
+
+    Returns
+    -------
+    list of KroneckerBlock
+        One or two blocks per layer.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For parameters outside Linear/Conv2d layers, or tied weights.
+
+    References
+    ----------
+    J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML (2015). R. Grosse and J. Martens, "A Kronecker-factored
+    approximate Fisher matrix for convolution layers", ICML (2016).
+    """
     mapping = parameter_mapping(model, params)
     refuse_shared(mapping)
     return layer_blocks(mapping, separate_weight_and_bias)
@@ -198,7 +332,27 @@ def _eigh(M: torch.Tensor):
 
 def eigendecompose(A: torch.Tensor | None, G: torch.Tensor) -> LayerEigen:
     """eigh of each factor (A None for a lone bias); eigenvalues clamped at 0 (the factors
-    are PSD)."""
+    are PSD).
+
+    Parameters
+    ----------
+    A : torch.Tensor or None
+        [d_in', d_in'] input factor (symmetrised before the decomposition).
+    G : torch.Tensor
+        [d_out, d_out] output-gradient factor.
+
+    Returns
+    -------
+    LayerEigen
+        Eigenvalues (ascending, >= 0) and eigenvectors of both factors.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.kronecker import eigendecompose
+    >>> eigendecompose(None, torch.eye(2)).evals_A is None
+    True
+    """
     eA = None if A is None else _eigh(A)
     eG = _eigh(G)
     return LayerEigen(
@@ -211,7 +365,25 @@ def eigendecompose(A: torch.Tensor | None, G: torch.Tensor) -> LayerEigen:
 
 def count_factors(factors: dict[str, tuple[torch.Tensor | None, torch.Tensor]]) -> int:
     """How many factor matrices ``{layer: (A or None, G)}`` holds (eigendecompositions of
-    all of them)."""
+    all of them).
+
+    Parameters
+    ----------
+    factors : dict of str to (torch.Tensor or None, torch.Tensor)
+        The factors by layer.
+
+    Returns
+    -------
+    int
+        Two per layer with a weight, one per lone bias.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.kronecker import count_factors
+    >>> count_factors({"a": (torch.eye(2), torch.eye(1)), "b": (None, torch.eye(1))})
+    3
+    """
     return sum(int(a is not None) + 1 for a, _ in factors.values())
 
 
@@ -221,14 +393,60 @@ def _input_evals(block: KroneckerBlock, eig: LayerEigen) -> torch.Tensor:
 
 
 def block_eigenvalues(block: KroneckerBlock, eig: LayerEigen) -> torch.Tensor:
-    """[d_out, d_in'] eigenvalues of the block in the basis Q_G (x) Q_A."""
+    """[d_out, d_in'] eigenvalues of the block in the basis Q_G (x) Q_A.
+
+    Parameters
+    ----------
+    block : KroneckerBlock
+        The block.
+    eig : LayerEigen
+        Its layer's eigendecompositions.
+
+    Returns
+    -------
+    torch.Tensor
+        l_G l_A^T (KFAC), or EKFAC's corrected eigenvalues.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.kronecker import KroneckerBlock, block_eigenvalues, eigendecompose
+    >>> eig = eigendecompose(torch.diag(torch.tensor([1.0, 4.0])), 2 * torch.eye(1))
+    >>> block_eigenvalues(KroneckerBlock("", "weight", 0, None), eig)
+    tensor([[2., 8.]])
+    """
     if eig.corrected is not None:
         return eig.corrected[block.kind]
     return torch.outer(eig.evals_G, _input_evals(block, eig))
 
 
 def exact_inverse(delta: float) -> Callable[[KroneckerBlock, LayerEigen], torch.Tensor]:
-    """Eigenvalue map of (K + delta I)^-1."""
+    """Eigenvalue map of (K + delta I)^-1.
+
+    Parameters
+    ----------
+    delta : float
+        The damping.
+
+    Returns
+    -------
+    callable
+        ``(block, eig) -> 1 / (block_eigenvalues(block, eig) + delta)``, for
+        :func:`precondition`.
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022) (KFAC with exact damping, section 7).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.kronecker import KroneckerBlock, eigendecompose, exact_inverse
+    >>> eig = eigendecompose(torch.diag(torch.tensor([1.0, 4.0])), 2 * torch.eye(1))
+    >>> exact_inverse(1.0)(KroneckerBlock("", "weight", 0, None), eig)  # 1/(2+1), 1/(8+1)
+    tensor([[0.3333, 0.1111]])
+    """
     return lambda block, eig: 1.0 / (block_eigenvalues(block, eig) + delta)
 
 
@@ -236,7 +454,34 @@ def heuristic_inverse(
     delta: float, min_damping: float = 1e-8
 ) -> Callable[[KroneckerBlock, LayerEigen], torch.Tensor]:
     """Eigenvalue map of (G + sqrt(delta)/pi I)^-1 (x) (A + pi sqrt(delta) I)^-1, each
-    damping at least ``min_damping`` (as curvlinops clamps them)."""
+    damping at least ``min_damping`` (as curvlinops clamps them).
+
+    Parameters
+    ----------
+    delta : float
+        The damping.
+    min_damping : float, default 1e-8
+        Lower bound of each factor's damping.
+
+    Returns
+    -------
+    callable
+        ``(block, eig) -> [d_out, d_in']`` eigenvalue map, for :func:`precondition`; it
+        raises ``UnsupportedCapabilityError`` for EKFAC layers (no separate factors).
+
+    References
+    ----------
+    J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML (2015), section 6.3.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.kronecker import KroneckerBlock, eigendecompose, heuristic_inverse
+    >>> eig = eigendecompose(torch.eye(2), torch.eye(1))  # pi = 1: (1 + 1)^-1 (1 + 1)^-1
+    >>> heuristic_inverse(1.0)(KroneckerBlock("", "weight", 0, None), eig)
+    tensor([[0.2500, 0.2500]])
+    """
 
     def scaling(block: KroneckerBlock, eig: LayerEigen) -> torch.Tensor:
         if eig.corrected is not None:
@@ -270,6 +515,7 @@ def precondition(
     Parameters
     ----------
     blocks : sequence of KroneckerBlock
+        The blocks to precondition.
     eigen : dict of str to LayerEigen
         Eigendecompositions by layer name.
     tensors : sequence of torch.Tensor
@@ -282,6 +528,16 @@ def precondition(
     -------
     list of torch.Tensor
         The same layout; entries of parameters outside ``blocks`` are returned as given.
+
+    References
+    ----------
+    J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML (2015). T. George et al., "Fast approximate natural
+    gradient descent in a Kronecker-factored eigenbasis", NeurIPS (2018).
+
+    Examples
+    --------
+    See the module docstring.
     """
     out = list(tensors)
     for block in blocks:
