@@ -5,7 +5,8 @@ paper's ``RMTLinear``, ``FixedShrinkage``), nonlinear eigenvalue cleaning
 (``EigenvalueClipping``, ``RotationInvariant``, ``LedoitWolf2020``), scikit-learn's
 covariance functions (``empirical_covariance``, ``shrunk_covariance``, ``ledoit_wolf``,
 ``ledoit_wolf_shrinkage``, ``oas``), damping <-> shrinkage conversions, and
-``compare``/``heldout_score`` to choose between them.
+``compare``/``heldout_score`` to choose between them. Rules have names (``"ledoit_wolf"``,
+``"oas"``, ...): :func:`register_rule` adds one, :func:`make_rule` builds one by name.
 
 Every estimator has scikit-learn's covariance API (``fit``, ``score``, ``mahalanobis``,
 ``error_norm``, ``get_precision``, ``covariance_``, ``precision_``, ``location_``) and is,
@@ -42,6 +43,7 @@ from curvlab.shrinkage.nonlinear import (
     eigenvector_oracle,
     noise_of_mean,
 )
+from curvlab.shrinkage.registry import make_rule, register_rule, rules
 from curvlab.shrinkage.synthetic import PerSampleMatrices, SpikedModel
 from curvlab.shrinkage.table import Comparison
 
@@ -70,8 +72,11 @@ __all__ = [
     "learning_rate_scale",
     "ledoit_wolf",
     "ledoit_wolf_shrinkage",
+    "make_rule",
     "noise_of_mean",
     "oas",
+    "register_rule",
+    "rules",
     "shrinkage_to_damping",
     "shrunk_covariance",
 ]

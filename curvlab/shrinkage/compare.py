@@ -40,6 +40,7 @@ from curvlab.results import Estimate
 from curvlab.shrinkage._validation import as_samples
 from curvlab.shrinkage.base import is_operator
 from curvlab.shrinkage.nonlinear import _SpectralCleaning
+from curvlab.shrinkage.registry import make_rule
 from curvlab.shrinkage.synthetic import SpikedModel
 from curvlab.shrinkage.table import Comparison
 from curvlab.validation import check_int
@@ -174,8 +175,10 @@ def compare(
     truth : CurvatureEstimator, SpikedModel or array-like [P, P]
         The ground truth and, for the first two, the source of batches (module docstring).
     estimators : mapping of name -> estimator, or iterable of estimators
-        Unfitted estimators (named by class when not a mapping); the raw batch estimate is
-        added as "raw".
+        Unfitted estimators (named by class when not a mapping), or names of registered
+        rules (:func:`curvlab.shrinkage.register_rule`; ``"ledoit_wolf"``, ``"oas"``, ...),
+        built with their defaults and named by that name; the raw batch estimate is added
+        as "raw".
     batch_sizes : iterable of int
         The batch sizes B to draw.
     samples : array-like or torch.Tensor [n, P], optional
@@ -224,7 +227,8 @@ def compare(
     True
     """
     if not isinstance(estimators, Mapping):
-        estimators = {type(e).__name__: e for e in estimators}
+        estimators = {e if isinstance(e, str) else type(e).__name__: e for e in estimators}
+    estimators = {name: make_rule(e) for name, e in estimators.items()}
     n_repeats = check_int("n_repeats", n_repeats, minimum=1)
     batch_sizes = list(batch_sizes)
     matrix, sample = _truth_and_sampler(truth, sampler, samples)
