@@ -107,7 +107,20 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``curvlab`` argument parser with its ``tour``, ``experiment`` and ``backends``
-    subcommands."""
+    subcommands.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        Each subcommand's parser sets ``func`` (the ``cmd_*`` function to run).
+
+    Examples
+    --------
+    >>> from curvlab.cli import build_parser
+    >>> args = build_parser().parse_args(["experiment", "theorem1", "--scale", "smoke"])
+    >>> args.func.__name__, args.name, args.scale
+    ('cmd_experiment', 'theorem1', 'smoke')
+    """
     from curvlab import __version__
 
     parser = argparse.ArgumentParser(
@@ -180,7 +193,19 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def cmd_tour(args: argparse.Namespace) -> int:
-    """``curvlab tour``: run the tour into ``args.out`` and print its headline numbers."""
+    """``curvlab tour``: run the tour into ``args.out`` and print its headline numbers.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed ``tour`` arguments (``out``, ``fast``, ``seed``, ``device``,
+        ``threads``, ``progress``).
+
+    Returns
+    -------
+    int
+        0.
+    """
     _setup(args)
     from curvlab.experiments import tour
 
@@ -204,7 +229,19 @@ def cmd_tour(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    """``curvlab experiment NAME``: run one experiment (or all) and print each verdict."""
+    """``curvlab experiment NAME``: run one experiment (or all) and print each verdict.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed ``experiment`` arguments (``name``, ``scale``, ``out``, ``seed``,
+        ``device``, ``threads``, ``progress``).
+
+    Returns
+    -------
+    int
+        0 (a verdict against the paper is a result, not an error).
+    """
     _setup(args)
     from curvlab.experiments._common import verdict_word
     from curvlab.experiments.stats import RULE
@@ -243,7 +280,18 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    """``curvlab backends``: print every backend's availability and capabilities."""
+    """``curvlab backends``: print every backend's availability and capabilities.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed ``backends`` arguments (``json``).
+
+    Returns
+    -------
+    int
+        0.
+    """
     from curvlab.registry import backends
 
     infos = backends()
@@ -335,6 +383,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     int
         The exit code: 0 success, 1 a run-time error (a one-line message on stderr),
         130 interrupted. Usage errors exit through ``SystemExit(2)`` with argparse's message.
+
+    Examples
+    --------
+    >>> import contextlib, io, json
+    >>> from curvlab.cli import main
+    >>> out = io.StringIO()
+    >>> with contextlib.redirect_stdout(out):
+    ...     code = main(["backends", "--json"])
+    >>> code, json.loads(out.getvalue())["autograd"]["available"]
+    (0, True)
     """
     parser = build_parser()
     args = parser.parse_args(argv)
