@@ -109,6 +109,13 @@ def plot_spectral_density(
     BackendUnavailableError
         matplotlib is not installed (``pip install 'curvlab[experiments]'``).
 
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), Fig. 2 (bulk and outliers of a Hessian
+    spectrum). S. Ubaru, J. Chen and Y. Saad, "Fast estimation of tr(f(A)) via stochastic
+    Lanczos quadrature", SIAM J. Matrix Anal. Appl. 38 (2017).
+
     Examples
     --------
     >>> import torch
