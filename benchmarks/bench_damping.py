@@ -79,10 +79,10 @@ def transformer_problem():
 
 MODELS = {"resnet18": resnet18_problem, "transformer": transformer_problem}
 VARIANTS = {  # label -> damper keywords
-    "defaults (2 probes, groups of 8)": {},
-    "1 probe": {"rule": RMTNoise(n_probes=1)},
-    "groups of 16": {"rule": RMTNoise(group_size=16)},
-    "half the batch (subsample 32)": {"subsample": 32, "batch_size": BATCH},
+    "defaults (1 probe, 4 groups of 16)": {},
+    "2 probes, 4 groups": {"rule": RMTNoise(n_probes=2)},
+    "1 probe, 8 groups of 8": {"rule": RMTNoise(group_size=8)},
+    "2 probes, 8 groups of 8 (before)": {"rule": RMTNoise(n_probes=2, group_size=8)},
 }
 STAGES = {  # label -> the function whose cumulative time is that stage's
     "checks and agreement": "_prepare",

@@ -341,7 +341,8 @@ def probe_statistics(
                 "use a smaller group_size or more data"
             )
         mean = head[:, :-1] / n
-        d = (torch.linalg.vector_norm(U - mean[:, None], dim=2) ** 2).to(torch.float64)  # [k, G]
+        U.sub_(mean[:, None])  # in place: U is this call's own [k, G, P] block
+        d = (torch.linalg.vector_norm(U, dim=2) ** 2).to(torch.float64)  # [k, G]
         centred = _all_reduced(d.sum(1), shared)
         spread = _all_reduced(((d - (centred / n)[:, None]) ** 2).sum(1), shared)
         parts.append(

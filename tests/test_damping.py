@@ -181,7 +181,8 @@ def test_fixed_rule_never_estimates():
 
 # ---------------------------------------------------------------------- estimate rules
 def test_rmt_rule_is_the_noise_variance_of_the_inferred_batch(digits):
-    """B is the size of the batch passed; groups of 8 come from a fresh random order."""
+    """B is the size of the batch passed; by default one probe and 4 groups (of 12 here)
+    from a fresh random order."""
     x, y = digits
     model = make_mlp()
     damper = LinearShrinkageDamper(update_every=1, seed=3)
@@ -189,7 +190,7 @@ def test_rmt_rule_is_the_noise_variance_of_the_inferred_batch(digits):
         damper.step(model, CE, (x[:48], y[:48]))
     for record, (order, seed) in zip(damper.history, draws(3, 48, 2)):
         est = curvlab.estimator("autograd", model, CE, (x[:48][order], y[:48][order]))
-        ref = noise_variance(est, batch_size=48, n_probes=2, group_size=8,
+        ref = noise_variance(est, batch_size=48, n_probes=1, group_size=12,
                              population=math.inf, seed=seed)
         assert record.batch_size == 48
         assert record.estimate == pytest.approx(ref.value, rel=1e-12)
@@ -243,9 +244,9 @@ def test_a_batch_too_small_is_skipped_with_a_warning_not_raised(digits):
     model = make_mlp()
     damper = LinearShrinkageDamper(init=2e-3, update_every=1)
     with pytest.warns(CurvlabWarning, match="too few samples"):
-        damper.step(model, CE, (x[:10], y[:10]))  # 1 group of 8: the variance needs 2
+        damper.step(model, CE, (x[:1], y[:1]))  # 1 group of 1: the variance needs 2
     record = damper.history[0]
-    assert (record.decision, record.damping) == ("skip", 2e-3) and "16 samples" in record.reason
+    assert (record.decision, record.damping) == ("skip", 2e-3) and "2 samples" in record.reason
     damper.step(model, CE, (x[:32], y[:32]))
     assert damper.history[1].decision == "accept"
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from curvlab.damping import LinearShrinkageDamper, PaperUpdate
+from curvlab.damping import LinearShrinkageDamper, PaperUpdate, RMTNoise
 from curvlab.optim import KFAC, paper_schedule
 
 CE = nn.CrossEntropyLoss()
@@ -61,6 +61,8 @@ def test_the_default_damper_keeps_kfac_training(digits, seed):
 
 
 def test_a_damper_following_the_noise_below_delta_star_diverges(digits):
-    loss, damper = final_loss(*digits, 0, update_rule=PaperUpdate())
+    # two probes on groups of 8: the estimates that took the paper's rule below delta* here
+    rule = RMTNoise(n_probes=2, group_size=8)
+    loss, damper = final_loss(*digits, 0, update_rule=PaperUpdate(), rule=rule)
     assert not loss < 0.1  # NaN included
     assert min(r.damping for r in damper.history) < INIT / 2

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from numbers import Real
 from typing import Any
 
+from curvlab._params import shard_layout
 from curvlab.errors import InvalidInputError
 from curvlab.estimator import CurvatureEstimator
 from curvlab.noise import METHODS, noise_variance
@@ -123,6 +124,16 @@ class EstimateRule:
         return None if sum(counts) >= 1 else "the batch is empty"
 
 
+#: Groups per rank the RMT rule forms when ``group_size`` is None.
+DEFAULT_GROUPS = 4
+
+
+def _held(est: CurvatureEstimator) -> list[int]:
+    """Samples held per rank (gathered in one collective under torch.distributed)."""
+    bounds, _ = shard_layout(est.local_num_samples, bool(getattr(est, "distributed", False)))
+    return (bounds[1:] - bounds[:-1]).tolist()
+
+
 class RMTNoise(EstimateRule):
     """The paper's rule: delta = P^-1 Tr X^2, the Hessian noise variance of a batch (eq. 15).
 
@@ -134,13 +145,18 @@ class RMTNoise(EstimateRule):
 
     Parameters
     ----------
-    n_probes : int, default 2
-        Probe rounds per update (vectorised together; the spread between updates, not the
-        probes, dominates the error, and 2 give a standard error).
-    group_size : int, default 8
+    n_probes : int, default 1
+        Probe rounds per update. One probe is the paper's Algorithm 1; its standard error
+        comes from the groups' delete-one jackknife (:func:`curvlab.noise.noise_variance`),
+        and the spread between updates, which the update rule averages, dominates anyway.
+        Each probe costs one product per group (BENCHMARKS.md: an update then costs 4-6
+        training steps on resnet18 and a small transformer).
+    group_size : int or None, default None
         g, samples per group; groups are formed from a fresh random order of the samples.
-        1 is per-sample products (refused under train-mode BatchNorm). 8 costs less than
-        per-sample products at a similar precision (BENCHMARKS.md).
+        None forms ``DEFAULT_GROUPS`` (4) groups per rank from the samples held (g = 16 for a
+        batch of 64), which keeps an update at a few training steps on large networks and,
+        under train-mode BatchNorm, keeps groups (each normalised as its own mini-batch)
+        close to the batch; at least 2 samples per group then. 1 is per-sample products.
     method : {"unbiased", "paper"}, default "unbiased"
         "paper" is Algorithm 1 as printed (biased; DESIGN.md section 4).
     population : float or None, default None
@@ -171,14 +187,14 @@ class RMTNoise(EstimateRule):
     def __init__(
         self,
         *,
-        n_probes: int = 2,
-        group_size: int = 8,
+        n_probes: int = 1,
+        group_size: int | None = None,
         method: str = "unbiased",
         population: float | None = None,
         target: str = "identity",
     ):
         self.n_probes = check_int("n_probes", n_probes, minimum=1)
-        self.group_size = check_int("group_size", group_size, minimum=1)
+        self.group_size = check_optional(check_int, "group_size", group_size, minimum=1)
         self.method = check_choice("method", method, METHODS)
         self.target = check_choice("target", target, TARGETS)
         self.population = check_optional(
@@ -189,7 +205,14 @@ class RMTNoise(EstimateRule):
     @property
     def shuffle(self) -> bool:  # type: ignore[override]
         """Groups of more than one sample need a random partition of the samples."""
-        return self.group_size > 1
+        return self.group_size is None or self.group_size > 1
+
+    def groups_of(self, counts: Sequence[int], coupled: bool = False) -> int:
+        """The group size for samples held as ``counts`` (one count per rank)."""
+        if self.group_size is not None:
+            return self.group_size
+        g = max(1, min(counts) // DEFAULT_GROUPS)
+        return max(g, 2) if coupled else g
 
     def __repr__(self) -> str:
         return (
@@ -199,7 +222,7 @@ class RMTNoise(EstimateRule):
 
     def skip_reason(self, counts: Sequence[int]) -> str | None:
         """Too few samples: a rank with fewer than ``group_size``, or fewer than 2 groups."""
-        g = self.group_size
+        g = self.groups_of(counts)
         short = [r for r, n in enumerate(counts) if n < g]
         if len(counts) > 1 and short:
             return (
@@ -225,7 +248,7 @@ class RMTNoise(EstimateRule):
             batch_size=batch_size,
             n_probes=self.n_probes,
             method=self.method,
-            group_size=self.group_size,
+            group_size=self.groups_of(_held(est), bool(est.view.batch_coupled())),
             population=population,
             seed=seed,
         )
@@ -380,7 +403,7 @@ def as_estimate_rule(spec: Any) -> Any:
     Examples
     --------
     >>> as_estimate_rule("rmt")
-    RMTNoise(n_probes=2, group_size=8, method='unbiased', population=None, target='identity')
+    RMTNoise(n_probes=1, group_size=None, method='unbiased', population=None, target='identity')
     """
     if isinstance(spec, str):
         if spec not in ESTIMATE_RULES:
