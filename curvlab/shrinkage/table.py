@@ -176,10 +176,8 @@ def plot(records: Iterable[dict], metric: str = "frobenius", *, ax: Any = None,
 class Comparison(list):
     """``compare``'s records (a list of dicts) with a summary and outputs.
 
-    Parameters
-    ----------
-    iterable : iterable of dict, optional
-        The records: ``batch_size``, ``repeat``, ``estimator`` and metric fields.
+    Built like a list, from an iterable of records (dicts with ``batch_size``, ``repeat``,
+    ``estimator`` and metric fields).
 
     Examples
     --------
