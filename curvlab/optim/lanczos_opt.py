@@ -45,7 +45,44 @@ def lanczos_direction(
     eta: float = 1.0,
     negative: str = "abs",
 ) -> torch.Tensor:
-    """The bracket of eq. 9 for a flat gradient [P], eigenvalues [k], eigenvectors [P, k]."""
+    """The bracket of eq. 9 for a flat gradient [P], eigenvalues [k], eigenvectors [P, k].
+
+    (1/eta) sum_i phi_i phi_i^T g / (lambda_i + delta) + (1/delta) (g - sum_i phi_i phi_i^T g),
+    with lambda_i replaced by |lambda_i| (``negative="abs"``) or max(lambda_i, 0).
+
+    Parameters
+    ----------
+    grad : torch.Tensor
+        [P] flat gradient g.
+    values : torch.Tensor
+        [k] eigenvalues lambda_i.
+    vectors : torch.Tensor
+        [P, k] orthonormal eigenvectors phi_i.
+    damping : float
+        delta > 0.
+    eta : float, default 1.0
+        Sharp-direction perturbation.
+    negative : {"abs", "clamp"}, default "abs"
+        Handling of negative eigenvalues.
+
+    Returns
+    -------
+    torch.Tensor
+        [P] the step direction (before the learning rate).
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), eq. 9.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.optim.lanczos_opt import lanczos_direction
+    >>> e1 = torch.tensor([[1.0], [0.0]])
+    >>> lanczos_direction(torch.tensor([1.0, 1.0]), torch.tensor([3.0]), e1, damping=1.0)
+    tensor([0.2500, 1.0000])
+    """
     lam = values.abs() if negative == "abs" else values.clamp(min=0)
     coeffs = vectors.T @ grad
     scale = 1.0 / (eta * (lam + damping)) - 1.0 / damping
@@ -66,7 +103,8 @@ class LanczosOPT(Optimizer):
 
     Parameters
     ----------
-    params : parameters or param groups. Each group may set its own ``lr``; ``damping`` and
+    params : iterable of torch.Tensor or of dict
+        Parameters or param groups. Each group may set its own ``lr``; ``damping`` and
         ``eta`` act on the joint eigenbasis and must agree across groups.
     curvature : Operator or callable
         The curvature whose top eigenpairs span the sharp directions, over exactly these
@@ -78,31 +116,74 @@ class LanczosOPT(Optimizer):
         ``params`` (a curvature estimator) is matched to the optimizer's parameters by
         identity and may order them differently; any other operator's vectors are read in
         the flat order of the param groups.
-    lr : learning rate alpha.
-    damping : delta > 0: a float (stored in the param groups, so ``damper.attach(opt,
+    lr : float, default 0.01
+        The learning rate alpha.
+    damping : float, callable or object with ``damping``, default 1.0
+        delta > 0: a float (stored in the param groups, so ``damper.attach(opt,
         key="damping")`` works), a callable of the step count, or an object with a
         ``damping`` attribute such as a LinearShrinkageDamper (read at every step; save
         its own ``state_dict`` alongside the optimizer's).
-    eta : sharp-direction perturbation (eq. 9's 1/eta); 1 is the plain LanczosOPT.
-    k : number of eigenpairs (``which="largest"``); the paper uses 50.
-    refresh_every : steps between eigenbasis recomputations.
-    negative : "abs" or "clamp": handling of negative eigenvalues (module docstring).
+    eta : float, default 1.0
+        Sharp-direction perturbation (eq. 9's 1/eta); 1 is the plain LanczosOPT.
+    k : int, default 50
+        Number of eigenpairs (``which="largest"``); the paper uses 50.
+    refresh_every : int, default 1
+        Steps between eigenbasis recomputations.
+    negative : {"abs", "clamp"}, default "abs"
+        Handling of negative eigenvalues (module docstring).
     eigensolver : Eigensolver, mapping or callable, optional
         How the eigenpairs are computed: :class:`~curvlab.optim.Eigensolver` settings (``tol``,
         ``max_iter``, ``ncv``, ``seed``, ...; the seed used at step t is seed + t), a mapping of
         them, or a callable ``(operator, k, step) -> Eigenpairs``. Default ``Eigensolver()``.
+    **deprecated : Any
+        The keywords before issue 17 (``estimator_factory``, ``model``, ``loss_fn``,
+        ``data``, ``backend``, ``curvature`` as a name, ``estimator_options``, ``tol``,
+        ``max_iter``, ``seed``, ``eigenpairs_options``) still work for one release, with a
+        DeprecationWarning naming their replacement.
 
-    The keywords before issue 17 (``estimator_factory``, ``model``, ``loss_fn``, ``data``,
-    ``backend``, ``curvature`` as a name, ``estimator_options``, ``tol``, ``max_iter``,
-    ``seed``, ``eigenpairs_options``) still work for one release, with a DeprecationWarning
-    naming their replacement.
+    Raises
+    ------
+    InvalidInputError
+        For a missing or non-operator curvature, a non-positive ``lr``/``eta``/damping,
+        ``k`` above the number of parameters, or an unknown ``negative``.
 
+    Notes
+    -----
     A step whose loss (from ``closure``) or gradient is not finite leaves the parameters
     and the state unchanged and warns with a :class:`~curvlab.CurvlabWarning`. Parameters
     without a gradient count as zero gradient (the preconditioner may still move them).
     The eigenbasis and step count live in the state of the first parameter, so
     ``state_dict``/``load_state_dict`` resume bitwise. Unconverged Lanczos pairs are used as
     returned (the routine warns with a NotConvergedWarning).
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), eq. 9 and section 5. K. Wu and H. Simon,
+    "Thick-restart Lanczos method for large symmetric eigenvalue problems", SIAM J. Matrix
+    Anal. Appl. 22 (2000). Y. N. Dauphin et al., "Identifying and attacking the saddle point
+    problem in high-dimensional non-convex optimization", NeurIPS (2014) (``negative="abs"``).
+
+    Examples
+    --------
+    With k = P and eta = 1 a step is the damped Newton step (H + delta I)^-1 g:
+
+    >>> import torch, curvlab
+    >>> from curvlab.optim import LanczosOPT
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(16, 2, generator=g, dtype=torch.float64)
+    >>> y = torch.randn(16, 1, generator=g, dtype=torch.float64)
+    >>> model, loss_fn = torch.nn.Linear(2, 1).double(), torch.nn.MSELoss()
+    >>> est = curvlab.estimator("autograd", model, loss_fn, (x, y))
+    >>> opt = LanczosOPT(model.parameters(), est, lr=1.0, damping=0.1, k=3)
+    >>> before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    >>> loss_fn(model(x), y).backward()
+    >>> grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    >>> newton = torch.linalg.solve(est.to_dense() + 0.1 * torch.eye(3, dtype=torch.float64), grad)
+    >>> opt.step()
+    >>> after = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    >>> torch.allclose(before - after, newton)
+    True
     """
 
     def __init__(
@@ -142,7 +223,18 @@ class LanczosOPT(Optimizer):
         self._groups_fixed = True
 
     def add_param_group(self, param_group: dict) -> None:
-        """Param groups are fixed at construction: the eigenbasis spans all of them."""
+        """Param groups are fixed at construction: the eigenbasis spans all of them.
+
+        Parameters
+        ----------
+        param_group : dict
+            Refused after construction.
+
+        Raises
+        ------
+        InvalidInputError
+            Always, once the optimizer is built (build a new one to add parameters).
+        """
         if getattr(self, "_groups_fixed", False):
             raise InvalidInputError(
                 "LanczosOPT's eigenbasis spans the parameters given at construction; "
@@ -232,7 +324,25 @@ class LanczosOPT(Optimizer):
     # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        """One update of eq. 9; returns the closure's loss if one was given."""
+        """One update of eq. 9; returns the closure's loss if one was given.
+
+        The eigenbasis is recomputed first when ``step % refresh_every == 0``.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss (its backward fills ``.grad``).
+
+        Returns
+        -------
+        torch.Tensor or None
+            The closure's loss.
+
+        Warns
+        -----
+        CurvlabWarning
+            When the loss or gradient is not finite (the step is skipped).
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
