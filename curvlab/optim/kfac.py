@@ -68,7 +68,17 @@ def _finite(tensors: Iterable[torch.Tensor | None]) -> bool:
 @dataclass
 class Recorded:
     """What a :class:`BatchCapture` saw: the model's inputs and the loss targets, in call
-    order, and a problem with a call (reported by :meth:`batches`)."""
+    order, and a problem with a call (reported by :meth:`batches`).
+
+    Attributes
+    ----------
+    inputs : list of torch.Tensor
+        The model's inputs x (detached).
+    targets : list of torch.Tensor
+        The loss targets y (detached).
+    problem : str or None, default None
+        A call that cannot be used, described.
+    """
 
     inputs: list[torch.Tensor] = field(default_factory=list)
     targets: list[torch.Tensor] = field(default_factory=list)
@@ -76,6 +86,11 @@ class Recorded:
 
     def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The recorded (x, y) pairs.
+
+        Returns
+        -------
+        list of (torch.Tensor, torch.Tensor)
+            In call order.
 
         Raises
         ------
@@ -110,6 +125,26 @@ class BatchCapture:
     enabled records ``x`` and ``y`` (no copies, nothing else is read or changed); calls
     under ``torch.no_grad()`` (evaluation) are ignored. Problems (keyword inputs, several
     inputs) are reported by :meth:`Recorded.batches`, never inside the user's forward.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model whose calls are recorded.
+    loss_fn : nn.Module
+        The loss whose calls are recorded.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from curvlab.optim.kfac import BatchCapture
+    >>> model, loss_fn = nn.Linear(2, 1), nn.MSELoss()
+    >>> capture = BatchCapture(model, loss_fn)
+    >>> capture.arm()
+    >>> x, y = torch.ones(3, 2), torch.zeros(3, 1)
+    >>> _ = loss_fn(model(x), y)
+    >>> [tuple(t.shape) for t in capture.release().batches()[0]], len(model._forward_pre_hooks)
+    ([(3, 2), (3, 1)], 0)
     """
 
     def __init__(self, model: nn.Module, loss_fn: nn.Module):
@@ -126,7 +161,13 @@ class BatchCapture:
         ]
 
     def release(self) -> Recorded:
-        """Remove the hooks and hand over (and forget) what was recorded."""
+        """Remove the hooks and hand over (and forget) what was recorded.
+
+        Returns
+        -------
+        Recorded
+            The calls seen since :meth:`arm`.
+        """
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -200,6 +241,7 @@ class KFAC(Optimizer):
     params : iterable of torch.Tensor, optional
         The parameters to train (default: those with ``requires_grad``).
     lr : float, default 0.01
+        The learning rate.
     damping : float, callable or damper, default 1e-3
         delta > 0: a float (stored in the param group, so ``damper.attach(opt,
         key="damping")`` works), a callable of the step count, or an object with a
@@ -226,9 +268,15 @@ class KFAC(Optimizer):
         (A, G)}``.
     seed : int, default 0
         The factor source's seed at step t is ``seed + t``.
+    **deprecated : Any
+        The keywords ``fisher_type``, ``mc_samples`` and ``kfac_approx`` (before issue 17)
+        still work for one release, with a DeprecationWarning: they are ``KFACFactors``'s
+        now.
 
-    The keywords ``fisher_type``, ``mc_samples`` and ``kfac_approx`` (before issue 17) still
-    work for one release, with a DeprecationWarning: they are ``KFACFactors``'s now.
+    Raises
+    ------
+    InvalidInputError
+        For a loss without a likelihood, or an option out of range.
 
     Notes
     -----
@@ -341,6 +389,18 @@ class KFAC(Optimizer):
 
     # ------------------------------------------------------------------ state
     def add_param_group(self, param_group: dict) -> None:
+        """KFAC holds one param group, built from the model at construction.
+
+        Parameters
+        ----------
+        param_group : dict
+            Accepted only while building the optimizer.
+
+        Raises
+        ------
+        InvalidInputError
+            For a second group.
+        """
         if self.param_groups:
             raise InvalidInputError("KFAC takes one param group (built from the model)")
         super().add_param_group(param_group)
@@ -351,7 +411,13 @@ class KFAC(Optimizer):
         return int(self.state[self._params[0]].get("step", 0))
 
     def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Layer name -> running averages (A, G) (empty before the first step)."""
+        """Layer name -> running averages (A, G) (empty before the first step).
+
+        Returns
+        -------
+        dict of str to (torch.Tensor or None, torch.Tensor)
+            A is None for a layer whose only trained parameter is its bias.
+        """
         return {
             layer: (self.state[a]["A"], self.state[a]["G"])
             for layer, a in self._anchor.items()
@@ -367,7 +433,13 @@ class KFAC(Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients (as torch's optimizers do) and start recording the batches of
-        the next forward passes (see the class docstring)."""
+        the next forward passes (see the class docstring).
+
+        Parameters
+        ----------
+        set_to_none : bool, default True
+            As in ``torch.optim.Optimizer.zero_grad``.
+        """
         super().zero_grad(set_to_none)
         if self._blocks:
             self._capture.arm()
