@@ -9,6 +9,7 @@ from torch import nn
 
 from curvlab import distributed as dist
 from curvlab.errors import InvalidInputError
+from curvlab.validation import check_int
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -154,8 +155,7 @@ def local_selection(indices: torch.Tensor, local_n: int, distributed: bool) -> t
 
 def draw_subsample(total: int, n: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` distinct global sample indices out of ``total``, in random order."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n:
-        raise InvalidInputError(f"subsample must be an int >= 2 or an index tensor, got {n!r}")
+    n = check_int("subsample", n, minimum=2, fix="or pass a 1-D tensor of sample indices")
     perm = torch.randperm(total, generator=generator, device=generator.device)
     return perm[: min(n, total)].cpu()
 

@@ -54,6 +54,7 @@ from curvlab.losses import LossSpec
 from curvlab.model_view import MODES, MaskTape, ModelView, seeded_rng, unwrap
 from curvlab.operators import Operator
 from curvlab.results import NoiseEstimate
+from curvlab.validation import check_choice, check_int
 
 CURVATURES = ("hessian", "ggn", "fisher", "ef")
 CACHE_CHOICES = (True, False, "auto")
@@ -169,8 +170,7 @@ class CurvatureEstimator(Operator):
             )
         if mode not in MODES:
             raise InvalidInputError(f"mode must be None, 'train' or 'eval', got {mode!r}")
-        if not (cache == "auto" or isinstance(cache, bool)):
-            raise InvalidInputError(f"cache must be True, False or 'auto', got {cache!r}")
+        check_choice("cache", cache, CACHE_CHOICES)
         self.model = unwrap(model)
         self.loss_fn = loss_fn
         self.loss = LossSpec(loss_fn)
@@ -511,8 +511,7 @@ class CurvatureEstimator(Operator):
         (torch.Size([3, 3]), True)
         """
         self.check_vector(v)
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise InvalidInputError(f"group_size must be a positive int, got {group_size!r}")
+        group_size = check_int("group_size", group_size, minimum=1)
         if group_size > self.local_num_samples:
             raise InvalidInputError(
                 f"group_size {group_size} exceeds the {self.local_num_samples} samples held"

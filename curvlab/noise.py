@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,13 +44,19 @@ from curvlab import distributed as dist
 from curvlab._params import draw_subsample, shard_layout
 from curvlab._random import Seed, make_generator, unit_sphere
 from curvlab.errors import InvalidInputError, UnsupportedCapabilityError
-from curvlab.estimator import CurvatureEstimator
+from curvlab.operators import Operator
 from curvlab.progress import Callback, track
 from curvlab.results import NoiseEstimate
+from curvlab.validation import check_choice, check_int
+
+if TYPE_CHECKING:  # the estimator calls this module; this module only duck-types it
+    from curvlab.estimator import CurvatureEstimator
 
 METHODS = ("unbiased", "paper")
 SOURCES = ("matvec", "diagonal")
 _BLOCK_NUMBERS = 2**25  # probes per vectorised call: [k, G, P] within about this many numbers
+#: What noise_variance reads from its estimator (any object with these works).
+_NEEDED = ("num_params", "num_samples", "dtype", "device", "group_matvecs")
 
 
 def noise_variance(
@@ -146,7 +153,7 @@ def noise_variance(
     >>> abs(noise.value - (1 / 10 - 1 / 50) * S2) < 3 * noise.stderr
     True
     """
-    _check_args(est, batch_size, n_probes, method, group_size, source)
+    _check_args(est, batch_size, n_probes, method, group_size, source, subsample)
     n_pop = float(est.num_samples if population is None else population)
     if not n_pop >= batch_size:
         raise InvalidInputError(
@@ -197,21 +204,19 @@ def _variances(values: torch.Tensor, group_variance: torch.Tensor) -> tuple[floa
     return probes, groups
 
 
-def _check_args(est, batch_size, n_probes, method, group_size, source) -> None:
-    if not isinstance(est, CurvatureEstimator):
+def _check_args(est, batch_size, n_probes, method, group_size, source, subsample) -> None:
+    needed = _NEEDED + (("subset",) if subsample is not None else ())
+    missing = [name for name in needed if not hasattr(est, name)]
+    if missing:
         raise InvalidInputError(
-            f"expected a CurvatureEstimator (curvlab.estimator(...)), got {type(est).__name__}"
+            f"expected a CurvatureEstimator (curvlab.estimator(...)) or an object with "
+            f"{', '.join(needed)}; {type(est).__name__} has no {', '.join(missing)}"
         )
-    if method not in METHODS:
-        raise InvalidInputError(f"method must be one of {METHODS}, got {method!r}")
-    if source not in SOURCES:
-        raise InvalidInputError(f"source must be one of {SOURCES}, got {source!r}")
-    for name, value, low in (("batch_size", batch_size, 1), ("group_size", group_size, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
-    low = 2 if source == "diagonal" else 1
-    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < low:
-        raise InvalidInputError(f"n_probes must be an int >= {low}, got {n_probes!r}")
+    check_choice("method", method, METHODS)
+    check_choice("source", source, SOURCES)
+    check_int("batch_size", batch_size, minimum=1)
+    check_int("group_size", group_size, minimum=1)
+    check_int("n_probes", n_probes, minimum=2 if source == "diagonal" else 1)
     if source == "diagonal" and (method != "unbiased" or group_size != 1):
         raise InvalidInputError(
             "source='diagonal' uses per-sample diagonals: leave method='unbiased' and group_size=1"
@@ -225,9 +230,10 @@ def _probes_per_call(est, group_size: int) -> int:
 
 
 def _group_products(est, V: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[k, G, P]: group products for each probe row of V. A curvature estimator takes the
-    whole block (the autograd backend vectorises it); other operators are looped."""
-    if isinstance(est, CurvatureEstimator):
+    """[k, G, P]: group products for each probe row of V. An Operator (a curvature
+    estimator) takes the whole [P, k] block (the autograd backend vectorises it); other
+    objects with ``group_matvecs`` (such as PerSampleMatrices) are looped."""
+    if isinstance(est, Operator):
         return est.group_matvecs(V.T, group_size)
     return torch.stack([est.group_matvecs(v, group_size) for v in V])
 

@@ -329,3 +329,21 @@ def test_cuda_agrees_with_cpu_within_the_standard_errors(mlp):
 def test_not_an_estimator_raises():
     with pytest.raises(InvalidInputError, match="CurvatureEstimator"):
         noise_variance(torch.eye(3))
+
+
+def test_any_object_with_the_estimators_attributes_works():
+    """noise duck-types its estimator (no import of curvlab.estimator): explicit per-sample
+    matrices give the closed form (1/B - 1/N) sum_n ||M_n - M||_F^2 / ((N - 1) P)."""
+    from curvlab.shrinkage import PerSampleMatrices
+
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(30, 12, 12, generator=gen, dtype=torch.float64)
+    M = (G + G.transpose(1, 2)) / 2
+    N, P, B = 30, 12, 5
+    exact = (1 / B - 1 / N) * float(((M - M.mean(0)) ** 2).sum()) / ((N - 1) * P)
+    got = noise_variance(PerSampleMatrices(M), batch_size=B, n_probes=400, seed=1)
+    assert abs(got.value - exact) < 4 * got.stderr and got.stderr < 0.1 * exact
+    with pytest.raises(InvalidInputError, match="has no subset"):
+        noise_variance(PerSampleMatrices(M), batch_size=B, subsample=10)
+    with pytest.raises(InvalidInputError, match="has no num_params, num_samples"):
+        noise_variance(torch.eye(3))
