@@ -35,6 +35,7 @@ the union of the shards (exactly, for ``group_size=1``; larger groups never stra
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,7 @@ import torch
 from curvlab import distributed as dist
 from curvlab._params import draw_subsample, shard_layout
 from curvlab._random import Seed, make_generator, unit_sphere
-from curvlab.errors import InvalidInputError, UnsupportedCapabilityError
+from curvlab.errors import CurvlabWarning, InvalidInputError, UnsupportedCapabilityError
 from curvlab.operators import Operator
 from curvlab.progress import Callback, track
 from curvlab.results import NoiseEstimate
@@ -163,6 +164,16 @@ def noise_variance(
     factor = 1.0 / batch_size - (0.0 if math.isinf(n_pop) else 1.0 / n_pop)
     gen = make_generator(seed, est.device)
     work = est if subsample is None else subsample_estimator(est, subsample, gen)
+    coupled = getattr(getattr(work, "view", None), "batch_coupled", lambda: [])()
+    if coupled and 1 < group_size < batch_size:  # groups of one are refused below
+        warnings.warn(
+            f"train-mode BatchNorm ({', '.join(coupled[:2])}): each group of {group_size} is "
+            f"normalised with its own statistics, so the noise of such groups, rescaled to "
+            f"batches of {batch_size}, is not the noise of a batch of {batch_size} (smaller "
+            "groups overstate it); use groups close to the batch size, or model.eval()",
+            CurvlabWarning,
+            stacklevel=3,
+        )
     if source == "diagonal":
         return _diagonal_estimate(work, n_probes, factor, batch_size)
     # rows: probes uniform on the unit sphere

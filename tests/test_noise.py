@@ -6,6 +6,7 @@ replacement has noise (1/B - 1/N) S2, S2 = sum_n ||H_n - H||_F^2 / ((N - 1) P).
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -347,3 +348,17 @@ def test_any_object_with_the_estimators_attributes_works():
         noise_variance(PerSampleMatrices(M), batch_size=B, subsample=10)
     with pytest.raises(InvalidInputError, match="has no num_params, num_samples"):
         noise_variance(torch.eye(3))
+
+
+def test_train_mode_batchnorm_groups_smaller_than_the_batch_warn():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(24, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,))
+    est = curvlab.estimator("autograd", model, nn.CrossEntropyLoss(), (x, y))
+    with pytest.warns(curvlab.CurvlabWarning, match="BatchNorm.*own statistics"):
+        est.noise_variance(batch_size=12, n_probes=1, group_size=4)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est.noise_variance(batch_size=12, n_probes=1, group_size=4)
