@@ -48,7 +48,38 @@ class _FractionSchedule(LRScheduler):
 
 
 class PaperSchedule(_FractionSchedule):
-    """Eq. 12: flat until 50% of training, linear decay to ``r`` by 90%, then ``r``."""
+    """Eq. 12: flat until 50% of training, linear decay to ``r`` by 90%, then ``r``.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Its groups' ``lr`` are the base rates alpha_0.
+    total_steps : int
+        T, the scheduler steps of the whole run (epochs or iterations).
+    r : float, default 0.01
+        The final fraction of the base rate.
+    last_epoch : int, default -1
+        As for every torch scheduler (resume from a step).
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), eq. 12.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.optim import PaperSchedule
+    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    >>> schedule = PaperSchedule(opt, total_steps=10)
+    >>> rates = []
+    >>> for _ in range(10):
+    ...     rates.append(round(opt.param_groups[0]["lr"], 4))
+    ...     opt.step()
+    ...     schedule.step()
+    >>> rates
+    [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.7525, 0.505, 0.2575, 0.01]
+    """
 
     def __init__(
         self, optimizer: Optimizer, total_steps: int, r: float = 0.01, last_epoch: int = -1
@@ -58,6 +89,18 @@ class PaperSchedule(_FractionSchedule):
         super().__init__(optimizer, last_epoch)
 
     def factor(self, s: Fraction) -> Fraction:
+        """f(s) of eq. 12 at the training fraction s = t / T (exact arithmetic).
+
+        Parameters
+        ----------
+        s : fractions.Fraction
+            The fraction of training done.
+
+        Returns
+        -------
+        fractions.Fraction
+            The multiple of the base rate.
+        """
         r = Fraction(self.r)
         if s <= _HALF:
             return Fraction(1)
@@ -67,7 +110,36 @@ class PaperSchedule(_FractionSchedule):
 
 
 class WarmupSchedule(_FractionSchedule):
-    """Eq. 16: flat until 10%, ramp to ``kappa`` by 30%, decay to ``r`` by 90%, then ``r``."""
+    """Eq. 16: flat until 10%, ramp to ``kappa`` by 30%, decay to ``r`` by 90%, then ``r``.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        Its groups' ``lr`` are the base rates alpha_0.
+    total_steps : int
+        T, the scheduler steps of the whole run.
+    kappa : float, default 5.0
+        The peak multiple of the base rate.
+    r : float, default 0.01
+        The final fraction of the base rate.
+    last_epoch : int, default -1
+        As for every torch scheduler.
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), eq. 16.
+
+    Examples
+    --------
+    >>> from fractions import Fraction
+    >>> import torch
+    >>> from curvlab.optim import WarmupSchedule
+    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    >>> schedule = WarmupSchedule(opt, total_steps=10)
+    >>> [float(schedule.factor(Fraction(t, 10))) for t in (1, 2, 3, 9)]
+    [1.0, 3.0, 5.0, 0.01]
+    """
 
     def __init__(
         self,
@@ -82,6 +154,18 @@ class WarmupSchedule(_FractionSchedule):
         super().__init__(optimizer, last_epoch)
 
     def factor(self, s: Fraction) -> Fraction:
+        """f(s) of eq. 16 at the training fraction s = t / T (exact arithmetic).
+
+        Parameters
+        ----------
+        s : fractions.Fraction
+            The fraction of training done.
+
+        Returns
+        -------
+        fractions.Fraction
+            The multiple of the base rate.
+        """
         kappa, r = Fraction(self.kappa), Fraction(self.r)
         if s <= _TENTH:
             return Fraction(1)
@@ -93,12 +177,60 @@ class WarmupSchedule(_FractionSchedule):
 
 
 def paper_schedule(optimizer: Optimizer, total_steps: int, r: float = 0.01) -> PaperSchedule:
-    """The paper's eq. 12 schedule (see :class:`PaperSchedule`)."""
+    """The paper's eq. 12 schedule (see :class:`PaperSchedule`).
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The optimizer to schedule.
+    total_steps : int
+        T.
+    r : float, default 0.01
+        The final fraction of the base rate.
+
+    Returns
+    -------
+    PaperSchedule
+        A torch ``LRScheduler``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.optim import paper_schedule
+    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    >>> type(paper_schedule(opt, total_steps=100)).__name__
+    'PaperSchedule'
+    """
     return PaperSchedule(optimizer, total_steps, r=r)
 
 
 def warmup_schedule(
     optimizer: Optimizer, total_steps: int, kappa: float = 5.0, r: float = 0.01
 ) -> WarmupSchedule:
-    """The paper's eq. 16 warm-up schedule (see :class:`WarmupSchedule`)."""
+    """The paper's eq. 16 warm-up schedule (see :class:`WarmupSchedule`).
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        The optimizer to schedule.
+    total_steps : int
+        T.
+    kappa : float, default 5.0
+        The peak multiple of the base rate.
+    r : float, default 0.01
+        The final fraction of the base rate.
+
+    Returns
+    -------
+    WarmupSchedule
+        A torch ``LRScheduler``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.optim import warmup_schedule
+    >>> opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    >>> warmup_schedule(opt, total_steps=100, kappa=3.0).kappa
+    3.0
+    """
     return WarmupSchedule(optimizer, total_steps, kappa=kappa, r=r)
