@@ -31,6 +31,7 @@ import curvlab
 from curvlab._params import resolve_device
 from curvlab.errors import InvalidInputError
 from curvlab.progress import track
+from curvlab.validation import check_choice, check_int
 
 from . import stats
 from .registry import SCALES
@@ -65,10 +66,8 @@ KFAC_OPTIONS = {"factor_update_every": 10, "inverse_update_every": 10}
 
 def check_args(scale: str, seed: int, device) -> torch.device:
     """Validate ``scale`` and ``seed``; return the resolved device."""
-    if scale not in SCALES:
-        raise InvalidInputError(f"scale must be one of {SCALES}, got {scale!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InvalidInputError(f"seed must be a non-negative int, got {seed!r}")
+    check_choice("scale", scale, SCALES)
+    check_int("seed", seed, minimum=0)
     return resolve_device(device)
 
 

@@ -4,11 +4,14 @@ with an InvalidInputError naming the argument, the value and the fix."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import curvlab
 from curvlab.errors import InvalidInputError
 from curvlab.validation import (
     check_bool,
@@ -154,3 +157,17 @@ def test_errors_are_value_errors_for_generic_handlers():
     with pytest.raises(ValueError):
         check_positive_int("k", 0)
 
+
+def test_no_inline_int_checks_left():
+    """The "isinstance(x, bool) or not isinstance(x, int) or x < k" idiom lives only here, in
+    curvlab.validation: the core, the adapters and the experiments call it (curvlab/damping,
+    finished separately, is not scanned yet)."""
+    idiom = re.compile(r"isinstance\((\w[\w.]*), bool\) or not isinstance\(\1, ")
+    root = Path(curvlab.__file__).resolve().parent
+    folders = [root, root.parent / "adapters", root.parent / "experiments"]
+    files = [p for folder in folders if folder.is_dir() for p in folder.rglob("*.py")
+             if p.name != "validation.py" and "damping" not in p.parts]
+    assert len(files) > 50
+    offenders = [f"{p.name}:{i}" for p in files
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if idiom.search(line)]
+    assert offenders == []

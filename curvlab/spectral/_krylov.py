@@ -9,6 +9,7 @@ from curvlab.errors import InvalidInputError
 from curvlab.operators import is_operator
 from curvlab.progress import Progress
 from curvlab.spectral._budget import TimedProducts
+from curvlab.validation import check_int
 
 #: Most columns per operator call in the probe-based estimators (traces, diagonals): bounds
 #: the [P, b] blocks an operator holds at once and paces the progress reports.
@@ -25,11 +26,7 @@ def check_operator(op) -> int:
             "expected an Operator (num_params, dtype, device, matvec); wrap an explicit "
             f"matrix with curvlab.DenseOperator, got {type(op).__name__}"
         )
-    if not isinstance(op.num_params, int) or op.num_params < 1:
-        raise InvalidInputError(
-            f"operator num_params must be a positive int, got {op.num_params!r}"
-        )
-    return op.num_params
+    return check_int("the operator's num_params", op.num_params, minimum=1)
 
 
 def apply(op, v: torch.Tensor) -> torch.Tensor:
