@@ -53,20 +53,37 @@ def adam_with_learned_eps(
     damper : LinearShrinkageDamper
         Or any object with a ``damping`` attribute and ``attach(optimizer, key, ...)``;
         ``eps`` starts at ``damper.damping``.
-    lr, betas, weight_decay : as for torch's Adam.
+    lr : float, default 1e-3
+        As for torch's Adam.
+    betas : (float, float), default (0.9, 0.999)
+        As for torch's Adam.
+    weight_decay : float, default 0.0
+        As for torch's Adam (decoupled with ``decoupled=True``).
     decoupled : bool, default False
         AdamW (decoupled weight decay) instead of Adam.
     groups : {None, "shared", "scaled"}, default None
         How groups with their own ``eps`` relate to the learned value (``damper.attach``).
     compensate : bool, default False
         Run each step at ``lr / beta = lr (1 + eps)`` (eq. 13), on top of any scheduler.
-    **kwargs
-        Passed to the torch constructor (``amsgrad``, ``foreach``, ...).
+    **kwargs : Any
+        Passed to the torch constructor (``amsgrad``, ``foreach``, ...; not ``eps``).
 
     Returns
     -------
     torch.optim.Adam or torch.optim.AdamW
         torch's own optimizer, attached to the damper.
+
+    Raises
+    ------
+    InvalidInputError
+        For a damper without ``damping``/``attach``, or an ``eps`` keyword.
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), eq. 13 and section 7.3. D. P. Kingma and J. Ba,
+    "Adam: a method for stochastic optimization", ICLR (2015). I. Loshchilov and F. Hutter,
+    "Decoupled weight decay regularization", ICLR (2019) (AdamW).
 
     Examples
     --------
