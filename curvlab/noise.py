@@ -164,9 +164,10 @@ def noise_variance(
     factor = 1.0 / batch_size - (0.0 if math.isinf(n_pop) else 1.0 / n_pop)
     gen = make_generator(seed, est.device)
     work = est if subsample is None else subsample_estimator(est, subsample, gen)
-    if isinstance(work, CurvatureEstimator):
+    view = getattr(work, "view", None)
+    if view is not None:
         work._current()  # the model's modes as they are now
-    coupled = work.view.batch_coupled() if isinstance(work, CurvatureEstimator) else []
+    coupled = view.batch_coupled() if view is not None else []
     if coupled and 1 < group_size < batch_size:  # groups of one are refused below
         warnings.warn(
             f"train-mode BatchNorm ({', '.join(coupled[:2])}): each group of {group_size} is "
