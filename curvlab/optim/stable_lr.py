@@ -61,11 +61,23 @@ class StableLRResult:
     final_accuracies : tuple of float or None
         Training accuracy after ``n_steps`` for integer class labels, else None.
     initial_loss : float
+        The loss of the fresh model.
     n_steps : int
+        Steps per grid value.
     sharpness : float or None
         lambda_1(B^-1/2 H B^-1/2) at the end of the run at ``lr`` (``sharpness=True``),
         with H the Hessian of the loss over all of ``data`` and B the optimizer's
         preconditioner at that point; None if not computed.
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), eq. 17-19 and the largest stable learning rates
+    of SGD, Adam and KFAC.
+
+    Examples
+    --------
+    See :func:`largest_stable_lr`.
     """
 
     lr: float | None
@@ -89,7 +101,20 @@ class StableLRResult:
 
 
 def default_grid() -> tuple[float, ...]:
-    """13 learning rates 1e-5 ... 10, half a decade apart."""
+    """13 learning rates 1e-5 ... 10, half a decade apart.
+
+    Returns
+    -------
+    tuple of float
+        Ascending.
+
+    Examples
+    --------
+    >>> from curvlab.optim.stable_lr import default_grid
+    >>> grid = default_grid()
+    >>> len(grid), grid[0], grid[-1]
+    (13, 1e-05, 10.0)
+    """
     return tuple(float(v) for v in torch.logspace(-5, 1, 13, dtype=torch.float64))
 
 
@@ -199,7 +224,9 @@ def largest_stable_lr(
     lrs : sequence of float, optional
         The grid (default :func:`default_grid`); sorted ascending.
     n_steps : int, default 100
+        Training steps per grid value.
     seed : int, default 0
+        ``torch.manual_seed(seed)`` before building each fresh model.
     collapse_tol : float, default 1e-3
         For classification, a final output spread at or below ``collapse_tol`` times the
         initial one is a collapse (unstable); 0 turns the clause off. Skipped when the
@@ -214,6 +241,17 @@ def largest_stable_lr(
     -------
     StableLRResult
         Stability is defined in the module docstring. The global RNG state is left as found.
+
+    Raises
+    ------
+    InvalidInputError
+        For an empty or non-positive grid, or options out of range.
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022) (the largest stable learning rates of SGD, Adam
+    and KFAC as a measure of how well sharp directions are estimated).
 
     Examples
     --------
@@ -396,9 +434,10 @@ def preconditioned_sharpness(
     model : nn.Module
         At the point of interest (e.g. after training).
     loss_fn : callable
+        ``loss_fn(model(x), y)``, mean-reduced.
     data : (x, y) or list of (x, y)
         H is the Hessian of the loss averaged over all of it.
-    optimizer : optional
+    optimizer : torch.optim.Optimizer or KFAC, optional
         None or ``torch.optim.SGD``: B = I (momentum is ignored). ``torch.optim.Adam`` /
         ``AdamW``: B = diag(sqrt(v / (1 - beta2^t)) + eps) from its state (``max_exp_avg_sq``
         with amsgrad). :class:`curvlab.optim.KFAC`: B = G (x) A + delta I per layer from its
@@ -422,6 +461,13 @@ def preconditioned_sharpness(
     ------
     UnsupportedCapabilityError
         For other optimizers (their preconditioner is not known here).
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), eq. 17-19. K. Wu and H. Simon, "Thick-restart
+    Lanczos method for large symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22
+    (2000).
 
     Examples
     --------
