@@ -50,7 +50,20 @@ VMAP_WORK = 10_000_000
 
 class VmapDecision:
     """Whether ``torch.func.vmap`` works on a model: decided once, shared by the estimators
-    made from one another with ``with_data``/``subset`` (None: not tried yet)."""
+    made from one another with ``with_data``/``subset`` (None: not tried yet).
+
+    Parameters
+    ----------
+    vectorize : bool or None
+        The user's ``vectorize=`` option: True or False fixes the decision, None lets the
+        first vmapped call decide (a failure falls back to a loop, with the same numbers).
+
+    Examples
+    --------
+    >>> from curvlab.adapters.autograd import VmapDecision
+    >>> VmapDecision(None).ok, VmapDecision(False).ok
+    (None, False)
+    """
 
     def __init__(self, vectorize: bool | None):
         self.requested = vectorize
@@ -62,17 +75,59 @@ class AutogradEstimator(CurvatureEstimator):
 
     Parameters
     ----------
-    model, loss_fn, data, curvature, params, mode, seed, cache, distributed
-        See :class:`curvlab.CurvatureEstimator`.
+    model : nn.Module
+        See :class:`curvlab.CurvatureEstimator` (also for the next eight parameters).
+    loss_fn : callable
+        ``loss_fn(model(x), y)``, mean-reduced.
+    data : (x, y) or iterable of (x, y)
+        One batch or an iterable of batches.
+    curvature : {"hessian", "ggn", "fisher", "ef"}, default "hessian"
+        The curvature.
+    params : iterable of torch.Tensor, optional
+        The parameters to differentiate (default: those with ``requires_grad``).
     fisher_type : {"type-2", "mc"}, default "type-2"
         For ``curvature="fisher"``: the exact type-2 Fisher (= GGN) or a Monte-Carlo one
         with ``mc_samples`` labels per sample drawn from the model's predictive (``seed``).
     mc_samples : int, default 1
+        Labels drawn per sample for the Monte-Carlo Fisher.
     vectorize : bool or None, default None
         Group products and per-sample gradients with ``torch.func.vmap`` (True), a Python
         loop (False), or vmap with a loop fallback decided once per model (None).
     chunk_size : int, default 512
         Groups per vmap call (bounds memory).
+    mode : {None, "train", "eval"}, default None
+        The train/eval mode of the view (None: the model's own flags).
+    seed : int or torch.Generator, default 0
+        Dropout masks (batch i under ``seed + i``) and Monte-Carlo labels.
+    cache : {True, False, "auto"}, default "auto"
+        Keep per-batch graphs between products.
+    distributed : bool, optional
+        Reduce over ``torch.distributed`` ranks (default: when initialised).
+
+    Raises
+    ------
+    UnsupportedModelError
+        For the Fisher of a loss without a likelihood (use ``curvature="ggn"``).
+
+    References
+    ----------
+    B. A. Pearlmutter, "Fast exact multiplication by the Hessian", Neural Comput. 6 (1994).
+    N. N. Schraudolph, "Fast curvature matrix-vector products for second-order gradient
+    descent", Neural Comput. 14 (2002). J. Martens, "New insights and perspectives on the
+    natural gradient method", JMLR 21 (2020).
+
+    Examples
+    --------
+    For a linear model under MSELoss the Hessian and the GGN are both 2 E[x x^T]:
+
+    >>> import torch, curvlab
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> model = torch.nn.Linear(2, 1, bias=False).double()
+    >>> est = curvlab.estimator("autograd", model, torch.nn.MSELoss(),
+    ...                         (x, torch.zeros(2, 1, dtype=torch.float64)), curvature="ggn")
+    >>> est.to_dense()
+    tensor([[1., 0.],
+            [0., 4.]], dtype=torch.float64)
     """
 
     backend = "autograd"
@@ -343,7 +398,28 @@ class AutogradEstimator(CurvatureEstimator):
 
     def per_sample_gradients(self) -> torch.Tensor:
         """[N, P]: per-sample gradients g_n = (N / W) grad c_n, whose mean is the gradient
-        of the loss (for a plain mean loss, the gradient of each sample's loss)."""
+        of the loss (for a plain mean loss, the gradient of each sample's loss).
+
+        Returns
+        -------
+        torch.Tensor
+            [N, P] over the samples this process holds, in data order.
+
+        Raises
+        ------
+        UnsupportedModelError
+            Under train-mode BatchNorm (one sample has no batch statistics).
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> x, y = torch.randn(5, 2), torch.randn(5, 1)
+        >>> model, loss_fn = torch.nn.Linear(2, 1), torch.nn.MSELoss()
+        >>> G = curvlab.estimator("autograd", model, loss_fn, (x, y)).per_sample_gradients()
+        >>> full = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
+        >>> G.shape, torch.allclose(G.mean(0), torch.cat([g.reshape(-1) for g in full]))
+        (torch.Size([5, 3]), True)
+        """
         self._current()
         coupled = self.view.batch_coupled()
         if coupled:
@@ -429,3 +505,6 @@ def _factor_product(r: torch.Tensor, jv: torch.Tensor, scale: float) -> torch.Te
     n = jv.shape[0]
     coeff = (r * jv.reshape(1, n, -1)).sum(-1, keepdim=True)
     return (scale * (r * coeff).mean(0)).reshape(jv.shape)
+
+
+__all__ = ["VMAP_WORK", "AutogradEstimator", "VmapDecision"]
