@@ -201,6 +201,25 @@ def test_shrinkage_fit(X, name):
 
 
 @FUZZ
+@given(options=st.dictionaries(st.sampled_from(
+    ["init", "update_every", "batch_size", "seed", "rule", "estimator", "subsample"]), ANY,
+    max_size=3))
+def test_damper_construction_and_steps(options):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # floor= is a deprecated keyword
+        try:
+            damper = curvlab.LinearShrinkageDamper(**options)
+        except CurvlabError:
+            return
+    x, y = _data(12)
+    for data in ((x, y), (x[:1], y[:1]), (x * math.nan, y)):
+        _works_or_refuses(lambda data=data: damper.step(_model(), nn.CrossEntropyLoss(), data))
+    _works_or_refuses(lambda: damper.load_state_dict({"damping": -1}))
+
+
+@FUZZ
 @given(a=ANY, b=ANY)
 def test_operator_algebra(est, a, b):
     import operator as op

@@ -188,7 +188,7 @@ class LinearShrinkageDamper:
             )
         self.curvature = check_choice("curvature", curvature, CURVATURES)
         self._factory, self._est = _estimator_source(estimator)
-        self.seed = int(seed)
+        self.seed = check_int("seed", seed, minimum=0)
         self._collective = sync.Collective(check_positive("timeout", timeout))
         self._gen = make_generator(self.seed)
         clamp = getattr(self.update_rule, "clamp", None)
