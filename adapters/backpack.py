@@ -120,12 +120,59 @@ def _quiet():
 class BackpackEstimator(CurvatureEstimator):
     """Curvature through BackPACK (see module docstring).
 
-    Extra options: ``fisher_type`` ("type-2", the GGN, or "mc"), ``mc_samples`` and ``seed``
-    for the Monte-Carlo quantities, ``use_converter`` (None: BackPACK's converter for every
-    model that is not a plain ``nn.Sequential``; True: always convert; False: extend the
-    copy's leaf modules as they are, which is right when every operation that curvature
-    flows through is a module call, e.g. a custom container whose only functional
-    operation scales the input).
+    Parameters
+    ----------
+    model : nn.Module
+        See :class:`curvlab.CurvatureEstimator` (also for the next four parameters).
+    loss_fn : nn.Module
+        MSELoss, CrossEntropyLoss or BCEWithLogitsLoss (BackPACK's second-order losses;
+        mean reduction, no class weights, label smoothing or ignored labels).
+    data : (x, y) or iterable of (x, y)
+        One batch or an iterable of batches.
+    curvature : {"hessian", "ggn", "fisher", "ef"}, default "hessian"
+        The curvature.
+    params : iterable of torch.Tensor, optional
+        The parameters to differentiate (default: those with ``requires_grad``).
+    fisher_type : {"type-2", "mc"}, default "type-2"
+        For ``curvature="fisher"``: the type-2 Fisher (the GGN) or BackPACK's Monte-Carlo
+        one.
+    mc_samples : int, default 1
+        Labels drawn per sample for the Monte-Carlo quantities.
+    use_converter : bool or None, default None
+        None: BackPACK's converter for every model that is not a plain ``nn.Sequential``;
+        True: always convert; False: extend the copy's leaf modules as they are, which is
+        right when every operation that curvature flows through is a module call, e.g. a
+        custom container whose only functional operation scales the input.
+    mode : {None, "train", "eval"}, default None
+        The train/eval mode of the copies (None: the model's own flags).
+    seed : int or torch.Generator, default 0
+        Dropout masks and the Monte-Carlo labels.
+    cache : {True, False, "auto"}, default "auto"
+        Keep per-batch graphs between products.
+    distributed : bool, optional
+        Reduce over ``torch.distributed`` ranks (default: when initialised).
+
+    Raises
+    ------
+    UnsupportedModelError
+        For a loss BackPACK's extensions do not support, or BCEWithLogitsLoss with more
+        than one output per sample.
+
+    References
+    ----------
+    F. Dangel, F. Kunstner and P. Hennig, "BackPACK: packing more into backprop", ICLR
+    (2020). F. Dangel, S. Harmeling and P. Hennig, "Modular block-diagonal curvature
+    approximations for feedforward architectures", AISTATS (2020).
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> model = torch.nn.Linear(2, 1, bias=False).double()
+    >>> est = curvlab.estimator("backpack", model, torch.nn.MSELoss(),
+    ...                         (x, torch.zeros(2, 1, dtype=torch.float64)), curvature="ggn")
+    >>> est.diagonal()  # BackPACK's own exact diagonal, 2 E[x_i^2]
+    tensor([1., 4.], dtype=torch.float64)
     """
 
     backend = "backpack"
@@ -410,13 +457,29 @@ class BackpackEstimator(CurvatureEstimator):
 
     # ------------------------------------------------------------------ public extras
     def per_sample_gradients(self) -> torch.Tensor:
-        """[N_local, P]: gradients of each sample's loss l_n (their mean is the gradient)."""
+        """[N_local, P]: gradients of each sample's loss l_n (their mean is the gradient).
+
+        Returns
+        -------
+        torch.Tensor
+            [N_local, P] from BackPACK's BatchGrad, in data order.
+        """
         return self._per_sample(bpx.BatchGrad)
 
     def per_sample_sqrt_ggn(self) -> torch.Tensor:
         """[N_local, M, P]: factors F_n with GGN_n = F_n^T F_n for each sample's loss l_n.
 
         SqrtGGNExact (M = outputs), or SqrtGGNMC (M = mc_samples) for the MC Fisher.
+
+        Returns
+        -------
+        torch.Tensor
+            [N_local, M, P].
+
+        Raises
+        ------
+        UnsupportedCapabilityError
+            For curvatures other than "ggn" and "fisher".
         """
         if self.curvature not in ("ggn", "fisher"):
             raise UnsupportedCapabilityError(
@@ -429,6 +492,27 @@ class BackpackEstimator(CurvatureEstimator):
 
         Their mean is the diagonal of the mean loss's curvature. "ggn_mc" draws
         ``mc_samples`` labels per sample from the seeded predictive.
+
+        Parameters
+        ----------
+        kind : {"ggn", "ggn_mc", "hessian"}, default "ggn"
+            Which curvature's diagonal.
+
+        Returns
+        -------
+        torch.Tensor
+            [N_local, P].
+
+        Examples
+        --------
+        >>> import torch, curvlab
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+        >>> model = torch.nn.Linear(2, 1, bias=False).double()
+        >>> est = curvlab.estimator("backpack", model, torch.nn.MSELoss(),
+        ...                         (x, torch.zeros(2, 1, dtype=torch.float64)), curvature="ggn")
+        >>> est.per_sample_diagonal("ggn")  # 2 x_n^2 per sample; their mean is the diagonal
+        tensor([[2., 0.],
+                [0., 8.]], dtype=torch.float64)
         """
         check_choice("kind", kind, _DIAGONAL_KINDS)
         cls = _DIAGONAL_KINDS[kind]
@@ -444,6 +528,22 @@ class BackpackEstimator(CurvatureEstimator):
         expectation approximation; Kronecker products themselves do not add up).
         BackPACK builds MSELoss's summed output Hessian (KFLR, KFRA) in float32, so those
         factors carry float32 rounding; they are returned in the parameters' dtype.
+
+        Parameters
+        ----------
+        kind : {"kfac", "kflr", "kfra"}, default "kfac"
+            KFAC (Monte-Carlo, ``mc_samples`` labels), KFLR (exact) or KFRA.
+
+        Returns
+        -------
+        dict of str to list of torch.Tensor
+            ``[G, A]`` per weight and ``[G]`` per bias, by parameter name.
+
+        References
+        ----------
+        J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
+        approximate curvature", ICML (2015) (KFAC). A. Botev, H. Ritter and D. Barber,
+        "Practical Gauss-Newton optimisation for deep learning", ICML (2017) (KFLR, KFRA).
         """
         check_choice("kind", kind, _KRONECKER_KINDS)
         cls = _KRONECKER_KINDS[kind]
@@ -581,3 +681,6 @@ class BackpackEstimator(CurvatureEstimator):
         else:
             make = bpx.DiagGGNExact
         return self._average([(n, self._flat(values, ())) for n, values in self._run(make)])
+
+
+__all__ = ["BackpackEstimator"]
