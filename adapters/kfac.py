@@ -87,7 +87,30 @@ def _curvlinops():
 # ---------------------------------------------------------------------- factor computation
 @contextmanager
 def leave_model_as_found(model: nn.Module) -> Iterator[None]:
-    """Remove hooks added inside the block and restore buffers it changed, even on error."""
+    """Remove hooks added inside the block and restore buffers it changed, even on error.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The module a library (curvlinops) may hook and run inside the block.
+
+    Yields
+    ------
+    None
+        The block runs with gradients enabled.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from curvlab.adapters.kfac import leave_model_as_found
+    >>> model = nn.BatchNorm1d(2)
+    >>> with leave_model_as_found(model):
+    ...     _ = model.register_forward_hook(lambda *args: None)
+    ...     _ = model(torch.randn(4, 2))  # updates the running statistics
+    >>> len(model._forward_hooks), float(model.running_mean.abs().sum())
+    (0, 0.0)
+    """
     hooks = [(m, {k: set(getattr(m, k, {})) for k in _HOOK_DICTS}) for m in model.modules()]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
@@ -108,7 +131,24 @@ def leave_model_as_found(model: nn.Module) -> Iterator[None]:
 @dataclass
 class KroneckerFactors:
     """Factors of one computation: ``factors[layer] = (A or None, G)``, already in curvlab's
-    convention; ``scale`` multiplies the curvlinops ``operator``'s products to match it."""
+    convention; ``scale`` multiplies the curvlinops ``operator``'s products to match it.
+
+    Attributes
+    ----------
+    operator : curvlinops.KFACLinearOperator or curvlinops.EKFACLinearOperator
+        The operator the factors came from.
+    blocks : list of KroneckerBlock
+        The blocks (indices into the parameter list).
+    factors : dict of str to (torch.Tensor or None, torch.Tensor)
+        (A, G) by layer name.
+    scale : float
+        Multiplies the operator's products (1, or 1 / C for curvlinops' empirical Fisher of
+        MSE/BCE).
+    eigen : dict of str to LayerEigen or None, default None
+        EKFAC's eigenbasis and corrected eigenvalues (None for KFAC).
+    n_factorizations : int, default 0
+        Eigendecompositions done for ``eigen``.
+    """
 
     operator: object
     blocks: list[KroneckerBlock]
@@ -157,6 +197,65 @@ def kronecker_factors(
     Block and factor indices refer to positions in ``params``. ``seed`` seeds curvlinops'
     Monte-Carlo labels; with ``batch_seed``, batch i's forward runs under
     ``torch.manual_seed(batch_seed + i)`` and the global RNG is left as found.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The module to run (curvlab passes its hook-free view; hooks curvlinops adds are
+        removed and buffers restored afterwards).
+    loss_fn : nn.Module
+        MSELoss, CrossEntropyLoss or BCEWithLogitsLoss, mean-reduced.
+    params : sequence of torch.Tensor
+        The parameters.
+    batches : sequence of (torch.Tensor, torch.Tensor)
+        The data.
+    fisher_type : {"type-2", "mc", "empirical"}, default "type-2"
+        G from the output Hessian's square roots, sampled labels or the true labels.
+    mc_samples : int, default 1
+        Labels per sample for ``"mc"``.
+    seed : int, default 0
+        curvlinops' Monte-Carlo seed.
+    kfac_approx : {"expand", "reduce"}, default "expand"
+        The weight-sharing approximation (Eschenhagen et al. 2023).
+    separate_weight_and_bias : bool, default False
+        One block per weight and per bias instead of a joint [W | b] block.
+    ekfac : bool, default False
+        Also compute EKFAC's eigenvalue correction.
+    batch_seed : int or None, default None
+        Seeds batch i's forward with ``batch_seed + i`` (dropout masks).
+
+    Returns
+    -------
+    KroneckerFactors
+        The factors in curvlab's convention, the blocks and the operator.
+
+    Raises
+    ------
+    UnsupportedModelError
+        For models or losses curvlinops cannot factor, layers not called through their
+        forward, or tied weights.
+
+    References
+    ----------
+    J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML (2015). T. George et al., "Fast approximate natural
+    gradient descent in a Kronecker-factored eigenbasis", NeurIPS (2018). R. Eschenhagen et
+    al., "Kronecker-factored approximate curvature for modern neural network
+    architectures", NeurIPS (2023).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from curvlab.adapters.kfac import kronecker_factors
+    >>> layer = nn.Linear(2, 1, bias=False).double()
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> out = kronecker_factors(layer, nn.MSELoss(), list(layer.parameters()),
+    ...                         [(x, torch.zeros(2, 1, dtype=torch.float64))])
+    >>> A, G = out.factors[""]
+    >>> truth = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))  # 2 E[x x^T]
+    >>> torch.allclose(torch.kron(G, A), truth)  # exact for one linear layer under MSE
+    True
     """
     cl = _curvlinops()
     cls = cl.EKFACLinearOperator if ekfac else cl.KFACLinearOperator
@@ -247,16 +346,71 @@ def _ekfac_eigen(op, blocks, factors, scale) -> dict[str, LayerEigen]:
 class KFACEstimator(CurvatureEstimator):
     """KFAC/EKFAC curvature over curvlinops 3 (see module docstring).
 
-    Options: ``approximation`` ("kfac" | "ekfac"); ``fisher_type`` for
-    ``curvature="fisher"`` ("type-2", default, equal to the GGN; or "mc" with
-    ``mc_samples`` sampled labels per sample, seeded by ``seed``); ``kfac_approx``
-    ("expand" | "reduce", Eschenhagen et al. 2023, for weight sharing);
-    ``separate_weight_and_bias`` (default False: one joint block per layer).
-    ``curvature="ggn"`` is type-2, ``"ef"`` the empirical Fisher.
-
     Beyond the base interface: :meth:`factors`, :meth:`eigendecompositions`,
     :meth:`kfac_eigenvalues`, :meth:`kfac_trace`, :meth:`kfac_logdet`, :meth:`solve`,
     and ``n_factorizations`` (eigendecompositions done so far).
+
+    Parameters
+    ----------
+    model : nn.Module
+        See :class:`curvlab.CurvatureEstimator`; only Linear and Conv2d layers may hold
+        trainable parameters (or pass ``params`` without the others).
+    loss_fn : nn.Module
+        MSELoss, CrossEntropyLoss or BCEWithLogitsLoss, mean-reduced.
+    data : (x, y) or iterable of (x, y)
+        One batch or an iterable of batches.
+    curvature : {"ggn", "fisher", "ef"}, default "ggn"
+        ``"ggn"`` is type-2, ``"ef"`` the empirical Fisher (``curvlab.estimator``'s own
+        default, "hessian", is refused: pass ``curvature="ggn"``).
+    params : iterable of torch.Tensor, optional
+        The parameters (default: those with ``requires_grad``).
+    approximation : {"kfac", "ekfac"}, default "kfac"
+        KFAC, or EKFAC's eigenvalue-corrected form.
+    fisher_type : {"type-2", "mc"}, default "type-2"
+        For ``curvature="fisher"``: the type-2 Fisher (equal to the GGN) or a Monte-Carlo
+        one with ``mc_samples`` sampled labels per sample, seeded by ``seed``.
+    mc_samples : int, default 1
+        Labels per sample for ``fisher_type="mc"``.
+    kfac_approx : {"expand", "reduce"}, default "expand"
+        The weight-sharing approximation (Eschenhagen et al. 2023).
+    separate_weight_and_bias : bool, default False
+        One block per weight and per bias instead of one joint block per layer.
+    mode : {None, "train", "eval"}, default None
+        The train/eval mode of the view (None: the model's own flags).
+    seed : int or torch.Generator, default 0
+        Dropout masks and Monte-Carlo labels.
+    cache : {True, False, "auto"}, default "auto"
+        Accepted for a uniform interface (the factors are cached until the model or data
+        change).
+    distributed : bool, optional
+        Must be False (curvlinops has no ``torch.distributed`` support).
+
+    Raises
+    ------
+    UnsupportedModelError
+        For other losses or trainable parameters outside Linear/Conv2d layers.
+    UnsupportedCapabilityError
+        Under ``torch.distributed``.
+
+    References
+    ----------
+    J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML (2015). R. Grosse and J. Martens, "A Kronecker-factored
+    approximate Fisher matrix for convolution layers", ICML (2016). T. George et al., "Fast
+    approximate natural gradient descent in a Kronecker-factored eigenbasis", NeurIPS
+    (2018).
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> model = torch.nn.Linear(2, 1, bias=False).double()
+    >>> est = curvlab.estimator("kfac", model, torch.nn.MSELoss(),
+    ...                         (x, torch.zeros(2, 1, dtype=torch.float64)), curvature="ggn")
+    >>> [round(v, 6) for v in est.kfac_eigenvalues().tolist()]  # exact here: 2 E[x x^T]
+    [1.0, 4.0]
+    >>> est.solve(torch.ones(2, dtype=torch.float64), damping=1.0)  # (K + I)^-1 1
+    tensor([0.5000, 0.2000], dtype=torch.float64)
     """
 
     backend = "kfac"
@@ -392,14 +546,26 @@ class KFACEstimator(CurvatureEstimator):
 
     # ------------------------------------------------------------------ factor access
     def factors(self) -> dict[str, tuple[torch.Tensor | None, torch.Tensor]]:
-        """Layer name -> (A, G) (A is None for a layer whose weight is not analysed)."""
+        """Layer name -> (A, G) (A is None for a layer whose weight is not analysed).
+
+        Returns
+        -------
+        dict of str to (torch.Tensor or None, torch.Tensor)
+            Copies of the factors for the current model and data.
+        """
         return {
             k: (None if a is None else a.clone(), g.clone())
             for k, (a, g) in self._computed().factors.items()
         }
 
     def eigendecompositions(self) -> dict[str, LayerEigen]:
-        """Layer name -> eigendecompositions of its factors (computed once, then cached)."""
+        """Layer name -> eigendecompositions of its factors (computed once, then cached).
+
+        Returns
+        -------
+        dict of str to LayerEigen
+            EKFAC's eigenbasis and corrected eigenvalues for ``approximation="ekfac"``.
+        """
         computed = self._computed()
         if self._eigen is None:
             self._eigen = {k: eigendecompose(a, g) for k, (a, g) in computed.factors.items()}
@@ -407,7 +573,14 @@ class KFACEstimator(CurvatureEstimator):
         return self._eigen
 
     def kfac_eigenvalues(self) -> torch.Tensor:
-        """All P eigenvalues of the (E)KFAC matrix, ascending, from the factors."""
+        """All P eigenvalues of the (E)KFAC matrix, ascending, from the factors.
+
+        Returns
+        -------
+        torch.Tensor
+            [P] the products l_G l_A of the factors' eigenvalues (EKFAC: the corrected
+            eigenvalues), ascending.
+        """
         eig = self.eigendecompositions()
         blocks = self._computed().blocks
         values = torch.cat([block_eigenvalues(b, eig[b.layer]).reshape(-1) for b in blocks])
@@ -415,7 +588,13 @@ class KFACEstimator(CurvatureEstimator):
 
     def kfac_trace(self) -> float:
         """tr of the (E)KFAC matrix: sum over blocks of tr(G) tr(A) (EKFAC: sum of its
-        eigenvalues). Exact, no probes."""
+        eigenvalues). Exact, no probes.
+
+        Returns
+        -------
+        float
+            The trace.
+        """
         computed = self._computed()
         if self.approximation == "ekfac":
             return float(self.kfac_eigenvalues().sum())
@@ -426,7 +605,18 @@ class KFACEstimator(CurvatureEstimator):
         return total
 
     def kfac_logdet(self, damping: float = 0.0) -> float:
-        """log det(K + damping I) from the eigenvalues (-inf when singular)."""
+        """log det(K + damping I) from the eigenvalues (-inf when singular).
+
+        Parameters
+        ----------
+        damping : float, default 0.0
+            delta >= 0.
+
+        Returns
+        -------
+        float
+            sum_i log(lambda_i + delta).
+        """
         damping = _check_damping(damping)
         return float(torch.log(self.kfac_eigenvalues() + damping).sum())
 
@@ -435,6 +625,32 @@ class KFACEstimator(CurvatureEstimator):
         (G + sqrt(d)/pi I)^-1 (x) (A + pi sqrt(d) I)^-1 v. v: [P] or [P, k].
 
         Reuses the cached eigendecompositions: changing ``damping`` refactorizes nothing.
+
+        Parameters
+        ----------
+        v : torch.Tensor
+            [P] or [P, k], in the estimator's dtype and device.
+        damping : float
+            delta >= 0 (> 0 with ``heuristic``).
+        heuristic : bool, default False
+            pi-damping instead of exact damping (KFAC only).
+
+        Returns
+        -------
+        torch.Tensor
+            The solution, shaped like ``v``.
+
+        Raises
+        ------
+        NumericalError
+            When the undamped KFAC matrix is singular (use damping > 0).
+        UnsupportedCapabilityError
+            For ``heuristic=True`` with EKFAC.
+
+        References
+        ----------
+        J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
+        approximate curvature", ICML (2015), section 6.3 (pi-damping).
         """
         self.check_vector(v)
         damping = _check_damping(damping)
@@ -490,9 +706,15 @@ class DampedKFACInverse:
     heuristic : bool, default False
         pi-damping (G + sqrt(delta)/pi I)^-1 (x) (A + pi sqrt(delta) I)^-1 (Martens &
         Grosse 2015 sec. 6.3); needs ``exact=False``.
-    **options
+    **options : Any
         Further keyword arguments of ``KFACInverseLinearOperator`` (``min_damping``,
         ``cache``, ``retry_double_precision``).
+
+    Raises
+    ------
+    InvalidInputError
+        For an operator that is not curvlinops' KFAC/EKFAC, ``exact`` with ``heuristic``,
+        non-exact damping of EKFAC, or a negative damping.
 
     Attributes
     ----------
@@ -500,6 +722,13 @@ class DampedKFACInverse:
         The current inverse (rebuilt at each damping change).
     n_rebuilds : int
         Inverses built after the first one (damping changes and :meth:`refresh`).
+
+    References
+    ----------
+    J. Martens and R. Grosse, "Optimizing neural networks with Kronecker-factored
+    approximate curvature", ICML (2015), section 6.3. D. Granziol and N. Baskerville, "A
+    random matrix theory approach to damping in deep learning", J. Phys. Complex. 3 (2022)
+    (the damping a LinearShrinkageDamper learns).
 
     Examples
     --------
@@ -569,3 +798,13 @@ class DampedKFACInverse:
     def __repr__(self) -> str:
         mode = "exact" if self.exact else "pi" if self.heuristic else "factor-wise"
         return f"DampedKFACInverse(damping={self._damping:.4g}, {mode} damping)"
+
+
+__all__ = [
+    "FISHER_TYPES",
+    "DampedKFACInverse",
+    "KFACEstimator",
+    "KroneckerFactors",
+    "kronecker_factors",
+    "leave_model_as_found",
+]
