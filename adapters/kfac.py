@@ -486,10 +486,12 @@ class KFACEstimator(CurvatureEstimator):
         self._factors: KroneckerFactors | None = None
         self._eigen: dict[str, LayerEigen] | None = None
 
-    def _computed(self) -> KroneckerFactors:
-        """Factors for the current model and data (recomputed whenever either changed)."""
-        self._current()
-        self._refuse_coupled_batches()
+    def _computed(self, checked: bool = False) -> KroneckerFactors:
+        """Factors for the current model and data (recomputed whenever either changed);
+        ``checked``: the caller (a product) has just brought the estimator up to date."""
+        if not checked:
+            self._current()
+            self._refuse_coupled_batches()
         if self._factors is None:
             self._factors = kronecker_factors(
                 self.view.module,
@@ -513,13 +515,13 @@ class KFACEstimator(CurvatureEstimator):
 
     # ------------------------------------------------------------------ products
     def _local_matvec(self, V: torch.Tensor) -> torch.Tensor:
-        computed = self._computed()
+        computed = self._computed(checked=True)
         with torch.no_grad():
             out = computed.operator @ V
         return out if computed.scale == 1.0 else out.mul_(computed.scale)
 
     def _diagonal(self) -> torch.Tensor:
-        computed = self._computed()
+        computed = self._computed(checked=True)
         if self.approximation == "ekfac":
             eig = self.eigendecompositions()
 
