@@ -53,13 +53,21 @@ def attach_damper(damper: Any, grad_maker: Any) -> Any:
 
     Returns
     -------
-    grad_maker
-        The same object, for chaining.
+    asdl.precondition.PreconditionedGradientMaker
+        ``grad_maker`` itself, for chaining.
 
     Raises
     ------
     InvalidInputError
         ``grad_maker`` has no ``config`` with a ``damping`` field.
+
+    References
+    ----------
+    K. Osawa et al., "ASDL: a unified interface for gradient preconditioning in PyTorch",
+    arXiv:2305.04684 (2023). J. Martens and R. Grosse, "Optimizing neural networks with
+    Kronecker-factored approximate curvature", ICML (2015), section 6.3. D. Granziol and
+    N. Baskerville, "A random matrix theory approach to damping in deep learning",
+    J. Phys. Complex. 3 (2022).
 
     Examples
     --------

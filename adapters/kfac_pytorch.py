@@ -53,6 +53,20 @@ def damping_schedule(damper: DampingSource) -> Callable[[int], float]:
         ``schedule(step) -> float``; cheap, and it advances nothing (kfac-pytorch calls it
         several times per step).
 
+    Raises
+    ------
+    InvalidInputError
+        For a damping that is not a positive finite number, an object without
+        ``damping``, or a callable whose value at step 0 is not one (checked now, not
+        inside kfac-pytorch).
+
+    References
+    ----------
+    D. Granziol and N. Baskerville, "A random matrix theory approach to damping in deep
+    learning", J. Phys. Complex. 3 (2022), eq. 13 and 15. J. G. Pauloski et al.,
+    "Convolutional neural network training with distributed K-FAC", SC20 (2020)
+    (kfac-pytorch).
+
     Examples
     --------
     >>> damping_schedule(0.01)(7)
@@ -65,3 +79,6 @@ def damping_schedule(damper: DampingSource) -> Callable[[int], float]:
         return lambda step: value
     resolve_damping(damper, 0)  # refuse a non-damper now, not inside kfac-pytorch
     return lambda step: resolve_damping(damper, step)
+
+
+__all__ = ["damping_schedule"]

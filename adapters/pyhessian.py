@@ -74,8 +74,41 @@ class PyHessianEstimator(CurvatureEstimator):
 
     Parameters
     ----------
-    model, loss_fn, data, curvature, params, mode, seed, cache, distributed
-        See :class:`curvlab.CurvatureEstimator` (curvature "hessian" only).
+    model : nn.Module
+        See :class:`curvlab.CurvatureEstimator` (also for the next parameters).
+    loss_fn : callable
+        ``loss_fn(model(x), y)``, mean-reduced.
+    data : (x, y) or iterable of (x, y)
+        One batch or an iterable of batches.
+    curvature : {"hessian"}, default "hessian"
+        PyHessian computes Hessian products only.
+    params : iterable of torch.Tensor, optional
+        The parameters (default: those with ``requires_grad``); all must reach the
+        second-order graph.
+    mode : {None, "train", "eval"}, default None
+        The train/eval mode of the view (PyHessian's own switch to eval mode is disabled).
+    seed : int or torch.Generator, default 0
+        Dropout masks (batch i under ``seed + i``).
+    cache : {True, False, "auto"}, default "auto"
+        Keep PyHessian's per-batch graphs between products.
+    distributed : bool, optional
+        Reduce over ``torch.distributed`` ranks (default: when initialised).
+
+    References
+    ----------
+    Z. Yao, A. Gholami, K. Keutzer and M. W. Mahoney, "PyHessian: neural networks through
+    the lens of the Hessian", IEEE BigData (2020).
+
+    Examples
+    --------
+    >>> import torch, curvlab
+    >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    >>> model = torch.nn.Linear(2, 1, bias=False).double()
+    >>> est = curvlab.estimator("pyhessian", model, torch.nn.MSELoss(),
+    ...                         (x, torch.zeros(2, 1, dtype=torch.float64)))
+    >>> pairs = est.power_eigenvalues(top_n=2, tol=1e-8)  # PyHessian's own algorithm
+    >>> [round(v, 4) for v in pairs.values.tolist()], pairs.converged
+    ([4.0, 1.0], True)
     """
 
     backend = "pyhessian"
@@ -188,6 +221,22 @@ class PyHessianEstimator(CurvatureEstimator):
         Stops each eigenvalue when |lambda_t - lambda_{t-1}| / (|lambda_{t-1}| + 1e-6) < tol
         (PyHessian's rule). Vectors are PyHessian's (the normalised last product); residuals
         are ||H v - lambda v|| of the last Rayleigh pair (no extra products).
+
+        Parameters
+        ----------
+        top_n : int, default 1
+            Eigenvalues to compute (at most P).
+        maxIter : int, default 100
+            Power iterations per eigenvalue.
+        tol : float, default 1e-3
+            PyHessian's relative stopping tolerance.
+        seed : int or torch.Generator, default 0
+            The start vectors.
+
+        Returns
+        -------
+        Eigenpairs
+            Sorted descending; ``converged`` False when an eigenvalue hit ``maxIter``.
         """
         top_n = check_int("top_n", top_n, minimum=1, maximum=self.num_params)
         maxIter = check_int("maxIter", maxIter, minimum=1)
@@ -228,6 +277,30 @@ class PyHessianEstimator(CurvatureEstimator):
         Stops once |mean_t - mean_{t-1}| / (|mean_{t-1}| + 1e-6) < tol after at least two
         samples (PyHessian divides by the signed trace and so stops at once when it is
         negative). stderr = sample std / sqrt(n).
+
+        Parameters
+        ----------
+        maxIter : int, default 100
+            Most probes (at least 2).
+        tol : float, default 1e-3
+            The relative stopping tolerance (> 0).
+        seed : int or torch.Generator, default 0
+            The probes.
+
+        Returns
+        -------
+        Estimate
+            ``value``, ``stderr``, ``n_matvecs`` and the ``samples``.
+
+        Raises
+        ------
+        InvalidInputError
+            For ``maxIter < 2`` or ``tol <= 0``.
+
+        References
+        ----------
+        M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for
+        Laplacian smoothing splines", Commun. Stat. Simul. Comput. 18 (1989).
         """
         if maxIter < 2 or tol <= 0:
             raise InvalidInputError(
@@ -269,6 +342,33 @@ class PyHessianEstimator(CurvatureEstimator):
         The broadened density follows PyHessian's companion ``density_generate``: Gaussians
         of variance sigma_squared * max(1, range) on ``num_bins`` points spanning the mean
         extreme nodes +- ``overhead``, normalised to integrate to one.
+
+        Parameters
+        ----------
+        iter : int, default 100
+            Lanczos steps per probe (at most P).
+        n_v : int, default 1
+            Probes.
+        seed : int or torch.Generator, default 0
+            The probes and breakdown restarts.
+        num_bins : int, default 10000
+            Grid points of the broadened density.
+        sigma_squared : float, default 1e-5
+            Relative variance of each node's Gaussian.
+        overhead : float, default 0.01
+            Margin of the grid beyond the extreme nodes.
+
+        Returns
+        -------
+        SpectralDensity
+            Nodes and weights [n_v, iter], the grid and density (no log grid).
+
+        References
+        ----------
+        Z. Yao, A. Gholami, K. Keutzer and M. W. Mahoney, "PyHessian: neural networks
+        through the lens of the Hessian", IEEE BigData (2020). S. Ubaru, J. Chen and Y.
+        Saad, "Fast estimation of tr(f(A)) via stochastic Lanczos quadrature", SIAM J.
+        Matrix Anal. Appl. 38 (2017).
         """
         iter = check_int("iter", iter, minimum=1, maximum=self.num_params,
                          fix="Lanczos cannot take more steps than the dimension num_params")
@@ -336,3 +436,6 @@ def _broaden(nodes, weights, num_bins: int, sigma_squared: float, overhead: floa
     density = (weights[:, :, None] * kernel).sum(dim=1).mean(dim=0)
     density = density / (density.sum() * (grid[1] - grid[0]))
     return grid, density, math.sqrt(var)
+
+
+__all__ = ["PyHessianEstimator"]
