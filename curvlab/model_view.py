@@ -558,7 +558,8 @@ def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     Returns
     -------
     tuple of int
-        Two integers per tensor (empty for no tensors).
+        Two integers per group of tensors with one bit width and device (empty for no
+        tensors); the tensors of a group are checksummed together, in one pass.
 
     Examples
     --------
@@ -570,16 +571,19 @@ def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     >>> fingerprint([w]) == before
     False
     """
-    sums = []
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         bits = t.detach()
-        if bits.is_floating_point() or bits.is_complex():
+        if bits.is_complex():
+            bits = torch.view_as_real(bits)
+        if bits.is_floating_point():
             bits = bits.reshape(-1).view(_INT_VIEW[bits.element_size()])
-        bits = bits.reshape(-1).to(torch.int64)
-        sums.append(torch.stack([bits.sum(), (bits * bits).sum()]))
-    if not sums:
-        return ()
-    return tuple(torch.cat(sums).tolist())
+        groups.setdefault((bits.dtype, bits.device), []).append(bits.reshape(-1))
+    sums = []
+    for parts in groups.values():
+        bits = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.int64)
+        sums += [bits.sum(), (bits * bits).sum()]
+    return tuple(torch.stack(sums).tolist()) if sums else ()
 
 
 # ---------------------------------------------------------------------- the view
@@ -681,14 +685,14 @@ class ModelView:
             view.training = src.training if self.mode is None else self.mode == "train"
 
     def state_key(self) -> tuple:
-        """Identifies the user's model state: parameter identities, storages, version
-        counters and contents, buffer contents and every module's train/eval flag."""
-        params = list(self.source.parameters())
-        buffers = list(self.source.buffers())
+        """Identifies the user's model state: the contents of every parameter and buffer
+        (however they were written: in place, through ``.data``, by replacing the
+        parameter) and every module's train/eval flag. Replaced parameter objects or
+        storages with unchanged values give the same key: the curvature is the same, and the
+        aliases are rebuilt at the first change of content."""
         return (
             tuple(m.training for m, _ in self._pairs),
-            tuple((id(t), t.data_ptr(), t._version) for t in (*params, *buffers)),
-            fingerprint(params + buffers),
+            fingerprint([*self.source.parameters(), *self.source.buffers()]),
         )
 
     def sync(self) -> bool:
