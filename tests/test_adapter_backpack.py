@@ -7,7 +7,7 @@ import torch
 from backpack import backpack, extend
 from backpack.context import CTX
 from backpack.extensions import DiagGGNExact
-from conftest import (
+from helpers import (
     LOSSES,
     assert_state_equal,
     dense_curvature,

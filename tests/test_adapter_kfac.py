@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     LOSSES,
     assert_state_equal,
     dense_ef,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_data, make_model
+from helpers import make_data, make_model
 from torch import nn
 
 import curvlab

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     CUDA,
     LOSSES,
     assert_state_equal,

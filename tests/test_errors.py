@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_state_equal, make_data, make_model, model_state
+from helpers import assert_state_equal, make_data, make_model, model_state
 
 import curvlab
 from curvlab import (

@@ -12,7 +12,7 @@ import struct
 
 import pytest
 import torch
-from conftest import dense_hessian
+from helpers import dense_hessian
 from torch import nn
 
 from curvlab import cli

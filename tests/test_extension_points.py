@@ -15,7 +15,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import dense_hessian, make_data, make_model
+from helpers import dense_hessian, make_data, make_model
 from torch import nn
 
 import curvlab

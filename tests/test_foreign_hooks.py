@@ -17,7 +17,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_state_equal, model_state
+from helpers import assert_state_equal, model_state
 from torch import nn
 
 import curvlab

@@ -12,7 +12,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import make_data, make_model
+from helpers import make_data, make_model
 from torch import nn
 
 import curvlab

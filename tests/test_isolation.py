@@ -17,7 +17,7 @@ import sys
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     assert_state_equal,
     dense_ggn,
     dense_hessian,

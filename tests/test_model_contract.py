@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from cases import tied_sequential
-from conftest import assert_state_equal, model_state
+from helpers import assert_state_equal, model_state
 from references import DenseReference, kfac_operator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import CUDA
+from helpers import CUDA
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 

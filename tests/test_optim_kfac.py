@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import dense_ggn, make_data, make_model
+from helpers import dense_ggn, make_data, make_model
 from torch import nn
 
 from curvlab.errors import CurvlabWarning, InvalidInputError, UnsupportedModelError

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import dense_hessian, make_data, make_model
+from helpers import dense_hessian, make_data, make_model
 from torch import nn
 
 import curvlab

@@ -151,7 +151,7 @@ def test_gram_route_equals_sklearn_on_gradients(ef_estimator):
 def test_gram_route_with_ggn_square_roots_equals_explicit_matrices():
     """BackPACK's per-sample GGN square roots give exact LW/OAS of per-sample GGNs."""
     pytest.importorskip("backpack")
-    from conftest import dense_ggn, make_data, make_model
+    from helpers import dense_ggn, make_data, make_model
 
     import curvlab
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     MODELS,
     assert_state_equal,
     dense_hessian,

@@ -8,7 +8,7 @@ import math
 import pytest
 import scipy.linalg
 import torch
-from conftest import dense_ggn, dense_hessian
+from helpers import dense_ggn, dense_hessian
 from torch import nn
 
 import curvlab

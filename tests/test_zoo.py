@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import BACKENDS, case_modes
-from conftest import assert_state_equal, model_state
+from helpers import assert_state_equal, model_state
 from references import DenseReference, kfac_operator
 
 import curvlab
