@@ -148,6 +148,19 @@ class KroneckerFactors:
         EKFAC's eigenbasis and corrected eigenvalues (None for KFAC).
     n_factorizations : int, default 0
         Eigendecompositions done for ``eigen``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from curvlab.adapters.kfac import kronecker_factors
+    >>> model = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 2)).double()
+    >>> x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    >>> out = kronecker_factors(model, nn.MSELoss(), list(model.parameters()), [(x, y)])
+    >>> {layer: (tuple(A.shape), tuple(G.shape)) for layer, (A, G) in out.factors.items()}
+    {'0': ((4, 4), (2, 2)), '2': ((3, 3), (2, 2))}
+    >>> [block.kind for block in out.blocks], out.scale, out.eigen
+    (['joint', 'joint'], 1.0, None)
     """
 
     operator: object

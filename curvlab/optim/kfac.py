@@ -78,6 +78,14 @@ class Recorded:
         The loss targets y (detached).
     problem : str or None, default None
         A call that cannot be used, described.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from curvlab.optim.kfac import Recorded
+    >>> seen = Recorded(inputs=[torch.ones(2, 3)], targets=[torch.zeros(2)])
+    >>> [tuple(t.shape) for t in seen.batches()[0]]
+    [(2, 3), (2,)]
     """
 
     inputs: list[torch.Tensor] = field(default_factory=list)
