@@ -133,6 +133,11 @@ def local_selection(indices: torch.Tensor, local_n: int, distributed: bool) -> t
 
     Raises (on every rank alike) when some rank would hold none of them.
     """
+    if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
+        raise InvalidInputError(
+            "subsample indices must be an integer tensor of sample indices, got "
+            + (str(indices.dtype) if isinstance(indices, torch.Tensor) else type(indices).__name__)
+        )
     bounds, total = shard_layout(local_n, distributed)
     indices = indices.to("cpu", torch.long)
     if indices.ndim != 1 or indices.numel() == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -400,6 +401,14 @@ def estimator(
             f"backends that do: {', '.join(offers)}"
         )
     cls = resolve(backend)
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
+        known = sorted(n for n, p in accepted.items() if p.kind is p.KEYWORD_ONLY)
+        raise InvalidInputError(
+            f"backend {backend!r} has no option {', '.join(map(repr, unknown))}; its options: "
+            f"{', '.join(known)}"
+        )
     return cls(model, loss_fn, data, curvature=curvature, params=params, **options)
 
 
