@@ -234,7 +234,7 @@ def test_operator_algebra(est, a, b):
 
 
 def test_unknown_options_and_float_indices_are_refused(est):
-    with pytest.raises(curvlab.InvalidInputError, match="no option 'bogus'.*mode"):
+    with pytest.raises(curvlab.InvalidInputError, match=r"no option 'bogus'.*mode"):
         curvlab.estimator("autograd", _model(), nn.CrossEntropyLoss(), _data(), bogus=1)
     with pytest.raises(curvlab.InvalidInputError, match="integer tensor"):
         est.subset(torch.tensor([0.5, 1.0]))
