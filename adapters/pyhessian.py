@@ -46,7 +46,7 @@ from torch import nn
 
 from curvlab._params import flatten, unflatten
 from curvlab._random import Seed, gaussian, make_generator, rademacher
-from curvlab.errors import InvalidInputError, UnsupportedModelError
+from curvlab.errors import UnsupportedModelError
 from curvlab.estimator import CurvatureEstimator, graph_bytes
 from curvlab.model_view import no_global_hooks
 from curvlab.results import Eigenpairs, Estimate, SpectralDensity
@@ -302,10 +302,8 @@ class PyHessianEstimator(CurvatureEstimator):
         M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for
         Laplacian smoothing splines", Commun. Stat. Simul. Comput. 18 (1989).
         """
-        if maxIter < 2 or tol <= 0:
-            raise InvalidInputError(
-                "maxIter must be >= 2 (a standard error needs two samples) and tol > 0"
-            )
+        check_int("maxIter", maxIter, minimum=2, fix="a standard error needs two samples")
+        check_positive("tol", tol)
         gen = make_generator(seed, self.device)
         samples: list[float] = []
         previous = 0.0

@@ -306,8 +306,7 @@ def heldout_score(estimate: Any, other: Any, n_probes: int = 10, seed: Seed = 0)
     apply = estimate if callable(estimate) and not hasattr(estimate, "matvec") else estimate.matvec
     if not is_operator(other):
         raise InvalidInputError("other must be an operator (num_params, dtype, device, matvec)")
-    if n_probes < 2:
-        raise InvalidInputError(f"n_probes must be >= 2, got {n_probes}")
+    n_probes = check_int("n_probes", n_probes, minimum=2, fix="two probes give a standard error")
     p = int(other.num_params)
     gen = make_generator(seed, other.device)
     V = rademacher((p, n_probes), generator=gen, dtype=other.dtype, device=other.device)

@@ -355,8 +355,8 @@ class RMTLinear(LinearShrinkage):
                 )
             s2 = st.mean("dispersion") / ((n - 1) * st.p)
             B = self.batch_size
-            if B is not None and not 1 <= B <= n:
-                raise InvalidInputError(f"batch_size must lie in [1, {n}], got {B}")
+            if B is not None:
+                B = check_int("batch_size", B, minimum=1, maximum=n)
             delta = max(s2 / n if B is None else (1.0 / B - 1.0 / n) * s2, 0.0)
         return damping_to_shrinkage(delta), 1.0, delta
 

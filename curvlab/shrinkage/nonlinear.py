@@ -218,8 +218,7 @@ class _SpectralCleaning(BaseShrinkage):
         from curvlab.spectral.slq import spectral_density
 
         p = int(op.num_params)
-        if not 1 <= self.k < p:
-            raise InvalidInputError(f"k must lie in [1, {p - 1}], got {self.k}")
+        check_int("k", self.k, minimum=1, maximum=p - 1)
         pairs = eigenpairs(op, k=self.k, which=self.which, seed=self.seed)
         density = spectral_density(op, n_probes=self.n_probes, n_steps=self.n_steps, seed=self.seed)
         if noise is None and self.uses_noise and is_sample_operator(op):
