@@ -31,6 +31,10 @@ PUBLIC_MODULES = (
     "curvlab.progress",
     "curvlab.registry",
     "curvlab.plotting",
+    "curvlab.model_view",
+    "curvlab.losses",
+    "curvlab.validation",
+    "curvlab.kronecker",
 )
 
 
