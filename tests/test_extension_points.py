@@ -250,6 +250,9 @@ def test_the_damper_takes_the_new_rule_through_its_public_api(half_rule, problem
     damper.step(model, CE, (x, y))
     (record,) = damper.history
     assert record.decision == "accept" and record.estimate == 1.0
+    by_name = LinearShrinkageDamper(rule=half_rule, update_every=1)  # the registered name
+    by_name.step(model, CE, (x, y))
+    assert by_name.history[0].estimate == 1.0
 
 
 def test_rule_registration_refuses_clashes_and_unknown_names(monkeypatch):

@@ -396,7 +396,8 @@ def as_estimate_rule(spec: Any) -> Any:
     Parameters
     ----------
     spec : str, rule object, shrinkage estimator or callable
-        A name of :data:`ESTIMATE_RULES`; an object with ``estimate`` (used as is); an
+        A name of :data:`ESTIMATE_RULES` or of a shrinkage rule registered with
+        :func:`curvlab.shrinkage.register_rule`; an object with ``estimate`` (used as is); an
         object with ``fit`` (wrapped in :class:`ShrinkageRule`); a callable ``est -> value``
         (wrapped in :class:`CallableRule`).
 
@@ -406,11 +407,19 @@ def as_estimate_rule(spec: Any) -> Any:
     RMTNoise(n_probes=1, group_size=None, method='unbiased', population=None, target='identity')
     """
     if isinstance(spec, str):
-        if spec not in ESTIMATE_RULES:
-            raise InvalidInputError(
-                f"rule must be one of {tuple(ESTIMATE_RULES)} or a rule object, got {spec!r}"
-            )
-        return ESTIMATE_RULES[spec]()
+        if spec in ESTIMATE_RULES:
+            return ESTIMATE_RULES[spec]()
+        from curvlab.shrinkage import rules
+
+        if spec in rules():  # a shrinkage rule registered by name
+            from curvlab.shrinkage import make_rule
+
+            return ShrinkageRule(make_rule(spec))
+        raise InvalidInputError(
+            f"rule must be one of {tuple(ESTIMATE_RULES)}, a shrinkage rule registered with "
+            f"curvlab.shrinkage.register_rule ({', '.join(rules())}) or a rule object, "
+            f"got {spec!r}"
+        )
     if callable(getattr(spec, "estimate", None)):
         return spec
     if callable(getattr(spec, "fit", None)):
