@@ -113,10 +113,10 @@ def _corrupt(key, value):
 @pytest.mark.parametrize(
     "key, value, match",
     [
-        ("damping", math.nan, "finite and positive"),
-        ("damping", -1.0, "finite and positive"),
-        ("damping", 0.0, "finite and positive"),
-        ("damping", math.inf, "finite and positive"),
+        ("damping", math.nan, "finite number > 0"),
+        ("damping", -1.0, "finite number > 0"),
+        ("damping", 0.0, "finite number > 0"),
+        ("damping", math.inf, "finite number > 0"),
         ("damping", "1e-3", "number"),
         ("version", 3, "version"),
         ("steps", -2, "steps"),
@@ -173,5 +173,5 @@ def test_a_version_1_checkpoint_is_migrated():
     assert [r.decision for r in damper.history] == ["accept", "reject"]
     assert damper.history[0].folded == 2e-3
     old["damping"] = -1.0
-    with pytest.raises(InvalidInputError, match="finite and positive"):
+    with pytest.raises(InvalidInputError, match="finite number > 0"):
         LinearShrinkageDamper().load_state_dict(old)

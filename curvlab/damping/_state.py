@@ -18,6 +18,7 @@ import torch
 from curvlab.damping.guard import DECISIONS
 from curvlab.damping.history import COLUMNS, DampingRecord
 from curvlab.errors import InvalidInputError
+from curvlab.validation import check_int, check_optional, check_positive
 
 VERSION = 2
 _V2_KEYS = frozenset(
@@ -95,34 +96,24 @@ def _from_v1(state: Mapping) -> dict[str, Any]:
 
 
 def _number(name: str, value: Any) -> float:
+    """A record's real number; NaN stands for a value the update did not have."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise InvalidInputError(f"state_dict[{name!r}] must be a number, got {value!r}")
     return float(value)
 
 
 def _damping(value: Any) -> float:
-    value = _number("damping", value)
-    if not (value > 0 and math.isfinite(value)):
-        raise InvalidInputError(
-            f"state_dict['damping'] must be finite and positive, got {value!r}; refusing to "
-            "push it into the optimizer"
-        )
-    return value
+    return check_positive(
+        "state_dict['damping']", value, fix="refusing to push it into the optimizer"
+    )
 
 
 def _tau(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = _number("tau", value)
-    if not (value > 0 and math.isfinite(value)):
-        raise InvalidInputError(f"state_dict['tau'] must be None or finite positive, got {value}")
-    return value
+    return check_optional(check_positive, "state_dict['tau']", value)
 
 
 def _count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInputError(f"state_dict[{name!r}] must be an int >= 0, got {value!r}")
-    return value
+    return check_int(f"state_dict[{name!r}]", value, minimum=0)
 
 
 def _history(records: Any) -> list[DampingRecord]:
@@ -136,9 +127,7 @@ def _history(records: Any) -> list[DampingRecord]:
             raise InvalidInputError(
                 f"state_dict['history'][{i}]: unknown decision {r['decision']!r}"
             )
-        damping = _number(f"history[{i}].damping", r["damping"])
-        if not (damping > 0 and math.isfinite(damping)):
-            raise InvalidInputError(f"state_dict['history'][{i}]: damping {damping} is invalid")
+        damping = check_positive(f"state_dict['history'][{i}].damping", r["damping"])
         out.append(
             DampingRecord(
                 step=_count(f"history[{i}].step", r["step"]),
