@@ -685,14 +685,19 @@ class ModelView:
             view.training = src.training if self.mode is None else self.mode == "train"
 
     def state_key(self) -> tuple:
-        """Identifies the user's model state: the contents of every parameter and buffer
-        (however they were written: in place, through ``.data``, by replacing the
-        parameter) and every module's train/eval flag. Replaced parameter objects or
-        storages with unchanged values give the same key: the curvature is the same, and the
-        aliases are rebuilt at the first change of content."""
+        """Identifies the user's model state: every module's train/eval flag, the version
+        counter of every parameter and buffer (any in-place write through the tensor itself:
+        optimizer steps, ``copy_``, ``load_state_dict``, even one that only permutes
+        values) and their contents (:func:`fingerprint`: writes through ``.data`` or
+        ``vector_to_parameters``, which bypass version counters). The one write not seen is
+        a write through ``.data`` that only permutes values within a tensor: call
+        ``refresh()`` after one. Replaced parameter objects are seen through their version
+        counters and contents; the aliases are rebuilt when they no longer share storage."""
+        tensors = [*self.source.parameters(), *self.source.buffers()]
         return (
             tuple(m.training for m, _ in self._pairs),
-            fingerprint([*self.source.parameters(), *self.source.buffers()]),
+            tuple(t._version for t in tensors),
+            fingerprint(tensors),
         )
 
     def sync(self) -> bool:

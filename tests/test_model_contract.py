@@ -344,6 +344,20 @@ def _load_state_dict_assign(model, x, y):
     return x, y
 
 
+def _load_state_dict_permuted(model, x, y):
+    # the same values in other places: sums of the contents cannot see it, versions do
+    state = {k: t.clone() for k, t in model.state_dict().items()}
+    state["0.weight"] = state["0.weight"].flip(0)
+    model.load_state_dict(state)
+    return x, y
+
+
+def _permute_in_place(model, x, y):
+    with torch.no_grad():
+        model[2].weight.copy_(model[2].weight.roll(1, dims=1))
+    return x, y
+
+
 def _inplace_data(model, x, y):
     x.mul_(1.7)
     y[:4] = (y[:4] + 1) % 3
@@ -355,6 +369,8 @@ WRITES = {
     "p.data =": _write_data_attribute,
     "vector_to_parameters": _vector_to_parameters,
     "load_state_dict(assign)": _load_state_dict_assign,
+    "load_state_dict permuted": _load_state_dict_permuted,
+    "permuted in place": _permute_in_place,
     "data inplace": _inplace_data,
 }
 
