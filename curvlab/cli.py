@@ -243,7 +243,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         0 (a verdict against the paper is a result, not an error).
     """
     _setup(args)
-    from curvlab.experiments._common import verdict_word
+    from curvlab.experiments._common import claim_tally, verdict_word
     from curvlab.experiments.stats import RULE
 
     if args.scale == "paper" and not args.device.startswith("cuda"):
@@ -252,15 +252,17 @@ def cmd_experiment(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     names = EXPERIMENTS if args.name == "all" else (args.name,)
-    summary = {}
+    summary, tallies = {}, {}
     for name in names:
         module = importlib.import_module(f"curvlab.experiments.{name}")
         results = module.run(
             args.out, scale=args.scale, seed=args.seed, device=args.device, progress=args.progress
         )
         summary[name] = results["verdict"]
+        tallies[name] = claim_tally(results["checks"])
         print(
-            f"{name}: {verdict_word(results['verdict'])} the paper's claim over seeds "
+            f"{name}: {verdict_word(results['verdict'])} the paper's claim ({tallies[name]}) "
+            f"over seeds "
             f"{results['seeds']} ({results['wall_time_s']:.0f} s) -> {args.out / (name + '.md')}"
         )
         for check in results["checks"]:
@@ -270,7 +272,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         head = (
             f"# curvlab: the paper's claims, reproduced (scale {args.scale}, seed "
             f"{args.seed})\n\n{RULE}\n\n"
-            + "\n".join(f"- {n}: {verdict_word(summary[n])}" for n in names)
+            + "\n".join(f"- {n}: {verdict_word(summary[n])} ({tallies[n]})" for n in names)
             + "\n\n"
         )
         (args.out / "report.md").write_text(head + "\n".join(sections))

@@ -112,10 +112,16 @@ class Check:
             parts.append(f"at least {stats.MIN_SEEDS} seeds with a finite value")
         elif self.verdict == stats.INCONCLUSIVE:
             need = e.seeds_for_verdict()
-            side = "claimed" if (e.mean - e.threshold) * e.direction > 0 else "opposite"
+            offset = (e.mean - e.threshold) * e.direction
+            if abs(offset) <= 1e-12 * max(1.0, abs(e.threshold)):
+                where = "the mean equals it" + (
+                    " on every seed (the compared runs end identically)"
+                    if e.stderr == 0 else ""
+                )
+            else:
+                where = f"the mean is on the {'claimed' if offset > 0 else 'opposite'} side"
             parts.append(
-                f"the 95% interval contains the threshold {e.threshold:g}; the mean is on the "
-                f"{side} side"
+                f"the 95% interval contains the threshold {e.threshold:g}; {where}"
                 + (
                     f", and about {need} seeds would decide it if the mean and spread held"
                     if need
@@ -188,6 +194,22 @@ def verdict_word(verdict) -> str:
     return verdict.upper()
 
 
+def claim_tally(checks: list[dict]) -> str:
+    """How the claims of an experiment came out, such as ``"1 supports, 2 contradict"``.
+
+    Examples
+    --------
+    >>> claim_tally([{"verdict": "supports"}, {"verdict": "contradicts"},
+    ...              {"verdict": "contradicts"}])
+    '1 supports, 2 contradict'
+    """
+    words = {stats.SUPPORTS: ("supports", "support"),
+             stats.CONTRADICTS: ("contradicts", "contradict"),
+             stats.INCONCLUSIVE: ("inconclusive", "inconclusive")}
+    counts = [(sum(c["verdict"] == v for c in checks), forms) for v, forms in words.items()]
+    return ", ".join(f"{n} {forms[n != 1]}" for n, forms in counts if n)
+
+
 def report_section(results: dict, body: str) -> str:
     """The markdown section of one experiment: for each claim its setting, numbers with error
     bars, verdict and what would change it; then the library checks, the body, the files."""
@@ -202,8 +224,10 @@ def report_section(results: dict, body: str) -> str:
         "",
         f"Paper's setting: {results['paper_setting']}",
         "",
-        f"**Verdict: {verdict_word(results['verdict'])}** (every claim below; the rule: 95% "
-        "t-interval of the per-seed effect against the claim's threshold).",
+        f"**Verdict: {verdict_word(results['verdict'])}** ({claim_tally(results['checks'])} "
+        "of the claims below; contradicts if any claim does, supports if every claim does, "
+        "inconclusive otherwise; each claim by the 95% t-interval of its per-seed effect "
+        "against its threshold).",
         "",
     ]
     for i, c in enumerate(results["checks"], 1):

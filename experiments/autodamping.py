@@ -36,7 +36,13 @@ from curvlab.optim import KFAC, paper_schedule
 
 from . import _common as C
 from . import stats
-from .dampers import DAMPER_CONFIGS, damping_history, make_damper
+from .dampers import (
+    DAMPER_CONFIGS,
+    SAME_NOTE,
+    damping_history,
+    identical_arms,
+    make_damper,
+)
 from .workloads import describe_workload, image_workload
 
 NAME = "autodamping"
@@ -185,6 +191,27 @@ def _log_loss(r: dict) -> float:
     return math.log10(max(loss, LOSS_FLOOR))
 
 
+def _best_flat_against_learned(runs: list[dict], s: dict) -> str:
+    """Where the best flat damping ends against the best learned arm (mean log10 loss)."""
+    cells: dict[tuple[str, float], list[float]] = {}
+    for r in runs:
+        cells.setdefault((r["damping"], r["init"]), []).append(_log_loss(r))
+    means = {key: sum(v) / len(v) for key, v in cells.items()}
+    flat = min((m, init) for (arm, init), m in means.items() if arm == "flat")
+    learned = min((m, arm, init) for (arm, init), m in means.items() if arm != "flat")
+    flat_at, learned_at = f"{flat[1] / s['lr']:g} alpha", f"{learned[2] / s['lr']:g} alpha"
+    if flat[0] < learned[0]:
+        verdict = ("ends below every learned run: at this scale the learned damping buys "
+                   "robustness to delta*, not a lower loss")
+    else:
+        verdict = "ends no lower than the best learned run"
+    return (
+        f"The best flat damping (delta* = {flat_at}, mean log10 final train loss "
+        f"{flat[0]:.2f}) {verdict} (best learned: {learned[1]} from delta* = {learned_at}, "
+        f"{learned[0]:.2f})."
+    )
+
+
 def run(
     out_dir, *, scale: str = "fast", seed: int = 0, device: str = "cpu", progress: bool = False
 ) -> dict:
@@ -227,6 +254,13 @@ def run(
         f"{'below' if max(s['multipliers']) * s['lr'] < noise_mean[0] else 'ABOVE'} it. "
         "Mean ± SE over seeds:\n\n" + C.markdown_table(rows, list(rows[0]))
     )
+    body += "\n\n" + _best_flat_against_learned(runs, s)
+    same = identical_arms(
+        runs, "damping", lambda r: f"delta* = {r['init'] / s['lr']:g} alpha",
+        lambda r: (r["final_damping"], _log_loss(r)),
+    )
+    if same:
+        body += f"\n\n{same} {SAME_NOTE}"
     setting = {
         "model": describe_workload(scale, s["batch_size"]),
         "optimizer": f"KFAC, momentum {MOMENTUM}, eq. 12 schedule",

@@ -59,6 +59,59 @@ DAMPER_CONFIGS: tuple[DamperConfig, ...] = (
 )
 
 
+#: Why arms can coincide, for the reports that list identical arms.
+SAME_NOTE = (
+    "The old curvlab rule 0.7 d + 0.3 max(d*, s2) equals the paper's 0.7 d + 0.3 s2 when "
+    "every estimate exceeds d*, and stays at the flat d* when none does."
+)
+
+
+def identical_arms(runs: list[dict], arm: str, setting: Callable[[dict], str],
+                   outcome: Callable[[dict], Any]) -> str:
+    """Sentences naming, per setting, the compared arms whose runs ended identically on
+    every seed.
+
+    A rule that never moves the damping away from another arm's (the old ``"curvlab"``
+    rule max(delta*, s2) equals ``"paper"`` when every estimate exceeds delta* and the flat
+    run when none does) gives bit-identical runs; the report says so instead of leaving the
+    reader to suspect a bug.
+
+    Parameters
+    ----------
+    runs : list of dict
+        One record per run, with a ``"seed"``.
+    arm : str
+        The key naming a run's arm (``"flat"`` or a rule's label).
+    setting : callable
+        A run's setting as a short label (``"alpha 0.1, eq12"``), shared by the arms.
+    outcome : callable
+        What must agree exactly (for example the final training loss).
+
+    Returns
+    -------
+    str
+        Empty when no two arms agree on every seed of a setting.
+
+    Examples
+    --------
+    >>> runs = [{"arm": a, "seed": s, "lr": lr, "loss": s + lr * (a == "b")}
+    ...         for a in "abc" for s in (0, 1) for lr in (0.1, 0.2)]
+    >>> identical_arms(runs, "arm", lambda r: f"lr {r['lr']}", lambda r: r["loss"])
+    'Identical on every seed: lr 0.1: a and c; lr 0.2: a and c.'
+    """
+    table: dict[str, dict[str, dict[Any, Any]]] = {}
+    for r in runs:
+        table.setdefault(setting(r), {}).setdefault(r[arm], {})[r["seed"]] = outcome(r)
+    found = []
+    for label, by_arm in table.items():
+        arms = list(by_arm)
+        pairs = [f"{a} and {b}" for i, a in enumerate(arms) for b in arms[i + 1:]
+                 if by_arm[a] == by_arm[b]]
+        if pairs:
+            found.append(f"{label}: {', '.join(pairs)}")
+    return f"Identical on every seed: {'; '.join(found)}." if found else ""
+
+
 def make_damper(
     config: DamperConfig,
     init: float,
@@ -123,4 +176,11 @@ def damping_history(damper) -> list[dict]:
     ]
 
 
-__all__ = ["DAMPER_CONFIGS", "DamperConfig", "damping_history", "make_damper"]
+__all__ = [
+    "DAMPER_CONFIGS",
+    "SAME_NOTE",
+    "DamperConfig",
+    "damping_history",
+    "identical_arms",
+    "make_damper",
+]

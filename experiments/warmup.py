@@ -35,7 +35,13 @@ from torch import nn
 from curvlab.optim import adam_with_learned_eps, paper_schedule, warmup_schedule
 
 from . import _common as C
-from .dampers import DAMPER_CONFIGS, damping_history, make_damper
+from .dampers import (
+    DAMPER_CONFIGS,
+    SAME_NOTE,
+    damping_history,
+    identical_arms,
+    make_damper,
+)
 from .workloads import describe_workload, image_workload
 
 NAME = "warmup"
@@ -195,6 +201,12 @@ def run(
         "diverged run counts as its initial loss and accuracy 0):\n\n"
         + C.markdown_table(rows, list(rows[0]))
     )
+    same = identical_arms(
+        runs, "eps", lambda r: f"alpha {r['lr']:g}, {r['schedule']}",
+        lambda r: (r["final_eps"], _log_loss(r), _acc(r)),
+    )
+    if same:
+        body += f"\n\n{same} {SAME_NOTE}"
     setting = {
         "model": describe_workload(scale),
         "optimizer": "Adam (betas 0.9, 0.999)",

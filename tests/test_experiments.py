@@ -239,6 +239,30 @@ def test_what_would_change_a_verdict():
     assert done.would_change().endswith("grid is coarse.")
     assert C.Check("c", "m", None, "nothing ran").verdict == "inconclusive"
     assert C.verdict_word(True) == "SUPPORTS" and C.verdict_word("contradicts") == "CONTRADICTS"
+    # a mean on the threshold is on neither side; identical arms say so
+    tied = C.claim_check("c", "m", [0.02, -0.03, 0.01], direction=+1).would_change()
+    assert "the mean equals it." in tied and "side" not in tied
+    same = C.claim_check("c", "m", [0.0, 0.0, 0.0], direction=+1).would_change()
+    assert "the mean equals it on every seed" in same
+
+
+def test_claim_tally_counts_each_verdict():
+    checks = [{"verdict": v} for v in ("supports", "contradicts", "supports", "inconclusive")]
+    assert C.claim_tally(checks) == "2 support, 1 contradicts, 1 inconclusive"
+
+
+def test_identical_arms_are_named_per_setting():
+    from curvlab.experiments.dampers import identical_arms
+
+    runs = [
+        {"arm": arm, "seed": seed, "lr": lr, "loss": 1.0 + seed + (arm == "b" and lr == 0.2)}
+        for arm in ("flat", "b") for seed in (0, 1, 2) for lr in (0.1, 0.2)
+    ]
+    text = identical_arms(runs, "arm", lambda r: f"lr {r['lr']}", lambda r: r["loss"])
+    assert text == "Identical on every seed: lr 0.1: flat and b."
+    runs[0]["loss"] += 1e-15  # one seed differs: no longer identical
+    assert "lr 0.1" not in identical_arms(runs, "arm", lambda r: f"lr {r['lr']}",
+                                          lambda r: r["loss"])
 
 
 def _lopt_per_seed(val_errors_by_seed, eta_bump):
