@@ -79,31 +79,31 @@ def diagnose(values: torch.Tensor, noise: float, p: int, *, nodes=None, weights=
 
 
 def linear_candidates() -> dict[str, Callable]:
-    """name -> units [m, p, p] -> (rho, tau) of the linear rules."""
+    """name -> trace statistics of the units -> (rho, tau) of the linear rules."""
     from curvlab.shrinkage.linear import LedoitWolf, RMTLinear
 
-    def fitted(cls):
-        def rule(units):
-            fit = cls(store_precision=False).fit(units)
-            return fit.shrinkage_, fit.target_scale_
-        return rule
+    def rule(cls):
+        return lambda stats: cls(store_precision=False)._rule(stats)[:2]
 
-    return {"ledoit_wolf": fitted(LedoitWolf), "rmt": fitted(RMTLinear)}
+    return {"ledoit_wolf": rule(LedoitWolf), "rmt": rule(RMTLinear)}
 
 
 def _dense_fits(units: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every candidate fitted on the units, as dense float64 matrices."""
-    from curvlab.shrinkage.nonlinear import RotationInvariant
+    """Every candidate fitted on the units (already validated), as dense float64 matrices:
+    their statistics are computed once and shared, as a fit of each would compute them."""
+    from curvlab.shrinkage._traces import matrix_stats
+    from curvlab.shrinkage.nonlinear import RotationInvariant, noise_of_mean
 
-    mean = units.to(F64).mean(dim=0)
+    stats, mean = matrix_stats(units, check=False)
     out = {"raw": mean}
     eye = torch.eye(mean.shape[0], dtype=F64, device=mean.device)
     for name, rule in linear_candidates().items():
-        rho, tau = rule(units)
+        rho, tau = rule(stats)
         out[name] = (1 - rho) * mean + rho * tau * eye
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rie = RotationInvariant(check_model=False).fit(units)
+        rie = RotationInvariant(check_model=False, noise_variance=noise_of_mean(stats))
+        rie.fit(mean.to(units.dtype))
     out["rotation_invariant"] = torch.as_tensor(rie.covariance_).to(F64)
     return out
 

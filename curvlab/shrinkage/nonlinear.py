@@ -475,7 +475,7 @@ class RotationInvariant(_SpectralCleaning):
                 return cleaned
             if choice == "raw":
                 return values
-            rho, tau = _heldout.linear_candidates()[choice](units)
+            rho, tau = _heldout.linear_candidates()[choice](matrix_stats(units, check=False)[0])
         else:
             mu = float(values.mean())
             spread = float(((values - mu) ** 2).mean())
