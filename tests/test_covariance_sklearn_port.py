@@ -1,6 +1,6 @@
 """scikit-learn 1.9's sklearn/covariance/tests/test_covariance.py, retargeted at
-curvlab.shrinkage (EmpiricalCovariance is ShrunkCovariance(shrinkage=0); the private
-``_ledoit_wolf``/``_oas`` are the public functions; ``global_random_seed`` is three seeds).
+curvlab.shrinkage (the private ``_ledoit_wolf``/``_oas`` are the public functions;
+``global_random_seed`` is three seeds).
 The reference numbers are scikit-learn's own, computed here side by side."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from sklearn import datasets  # noqa: E402
 from curvlab.errors import CurvlabError, UnsupportedCapabilityError  # noqa: E402
 from curvlab.shrinkage import (  # noqa: E402
     OAS,
+    EmpiricalCovariance,
     LedoitWolf,
     ShrunkCovariance,
     empirical_covariance,
@@ -33,10 +34,6 @@ from curvlab.shrinkage import (  # noqa: E402
 X, _ = datasets.load_diabetes(return_X_y=True)
 n_samples, n_features = X.shape
 ONE_SAMPLE = "Only one sample available. You may want to reshape your data array"
-
-
-def EmpiricalCovariance(**kw):  # scikit-learn's name
-    return ShrunkCovariance(shrinkage=0.0, **kw)
 
 
 def test_covariance():

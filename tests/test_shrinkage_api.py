@@ -15,10 +15,11 @@ from scipy import sparse
 from sklearn import covariance as skcov
 from sklearn.model_selection import cross_val_score
 
-from curvlab.errors import CurvlabError
+from curvlab.errors import CurvlabError, InvalidInputError
 from curvlab.shrinkage import (
     OAS,
     EigenvalueClipping,
+    EmpiricalCovariance,
     FixedShrinkage,
     LedoitWolf,
     LedoitWolf2020,
@@ -26,6 +27,8 @@ from curvlab.shrinkage import (
     RotationInvariant,
     ShrunkCovariance,
     SpikedModel,
+    empirical_covariance,
+    log_likelihood,
 )
 
 F64 = torch.float64
@@ -99,6 +102,7 @@ CASES = [(80, 6), (25, 25), (12, 40), (6, 150)]
 @pytest.mark.parametrize("shape", CASES)
 @pytest.mark.parametrize("ours,theirs", [
     (LedoitWolf, skcov.LedoitWolf), (OAS, skcov.OAS),
+    (EmpiricalCovariance, skcov.EmpiricalCovariance),
     (lambda **kw: ShrunkCovariance(shrinkage=0.3, **kw),
      lambda **kw: skcov.ShrunkCovariance(shrinkage=0.3, **kw)),
 ])
@@ -109,7 +113,13 @@ def test_covariance_api_equals_sklearn(shape, ours, theirs):
     scale = np.abs(b.precision_).max()
     np.testing.assert_allclose(a.covariance_, b.covariance_, rtol=1e-11, atol=1e-13)
     np.testing.assert_allclose(a.precision_, b.precision_, rtol=0, atol=1e-9 * scale)
-    assert a.score(X_test) == pytest.approx(b.score(X_test), rel=1e-9)
+    singular = ours is EmpiricalCovariance and shape[0] <= shape[1]
+    if singular:
+        # the covariance of n <= p centred samples is singular: the likelihood is -inf
+        # (scikit-learn's value follows the sign LAPACK gives a singular determinant)
+        assert a.score(X_test) == -math.inf
+    else:
+        assert a.score(X_test) == pytest.approx(b.score(X_test), rel=1e-9)
     np.testing.assert_allclose(a.mahalanobis(X_test), b.mahalanobis(X_test), rtol=1e-8)
     lazy = ours(store_precision=False).fit(X)
     assert lazy.precision_ is None
@@ -122,7 +132,26 @@ def test_covariance_api_equals_sklearn(shape, ours, theirs):
     # torch in, torch out, same numbers
     t = ours().fit(torch.tensor(X))
     assert isinstance(t.covariance_, torch.Tensor) and isinstance(t.location_, torch.Tensor)
-    assert t.score(torch.tensor(X_test)) == pytest.approx(b.score(X_test), rel=1e-9)
+    assert t.score(torch.tensor(X_test)) == a.score(X_test)
+
+
+def test_log_likelihood_equals_sklearn():
+    for n, p in CASES:
+        X = _samples(n, p, seed=n + p)
+        S = empirical_covariance(X)
+        for fitted in (skcov.EmpiricalCovariance().fit(X), skcov.LedoitWolf().fit(X)):
+            P = fitted.precision_
+            ours = log_likelihood(S, P)
+            assert log_likelihood(torch.tensor(S), torch.tensor(P)) == ours
+            if type(fitted) is skcov.EmpiricalCovariance and n <= p:
+                assert ours == -math.inf  # the pseudo-inverse of a singular S
+            else:
+                assert ours == pytest.approx(skcov.log_likelihood(S, P), rel=1e-10)
+    assert log_likelihood(np.eye(2), -np.eye(2)) == -math.inf  # not positive definite
+    with pytest.raises(InvalidInputError, match="square"):
+        log_likelihood(np.eye(2), np.ones(3))
+    with pytest.raises(InvalidInputError, match="one shape"):
+        log_likelihood(np.eye(2), np.eye(3))
 
 
 def test_cross_val_score_equals_sklearn():

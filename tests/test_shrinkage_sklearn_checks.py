@@ -9,6 +9,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from curvlab.shrinkage import (
     OAS,
+    EmpiricalCovariance,
     FixedShrinkage,
     LedoitWolf,
     LedoitWolf2020,
@@ -17,6 +18,7 @@ from curvlab.shrinkage import (
 )
 
 ESTIMATORS = [
+    EmpiricalCovariance(),
     LedoitWolf(),
     OAS(),
     ShrunkCovariance(),

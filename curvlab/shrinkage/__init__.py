@@ -1,10 +1,11 @@
 """Shrinkage of noisy covariance and curvature estimates, scikit-learn style (DESIGN.md 4).
 
-Linear rules toward a scaled identity (``LedoitWolf``, ``OAS``, ``ShrunkCovariance``, the
-paper's ``RMTLinear``, ``FixedShrinkage``), nonlinear eigenvalue cleaning
-(``EigenvalueClipping``, ``RotationInvariant``, ``LedoitWolf2020``), scikit-learn's
-covariance functions (``empirical_covariance``, ``shrunk_covariance``, ``ledoit_wolf``,
-``ledoit_wolf_shrinkage``, ``oas``), damping <-> shrinkage conversions, and
+The unshrunk ``EmpiricalCovariance``; linear rules toward a scaled identity
+(``LedoitWolf``, ``OAS``, ``ShrunkCovariance``, the paper's ``RMTLinear``,
+``FixedShrinkage``), nonlinear eigenvalue cleaning (``EigenvalueClipping``,
+``RotationInvariant``, ``LedoitWolf2020``), scikit-learn's covariance functions
+(``empirical_covariance``, ``shrunk_covariance``, ``ledoit_wolf``, ``ledoit_wolf_shrinkage``,
+``oas``, ``log_likelihood``), damping <-> shrinkage conversions, and
 ``compare``/``heldout_score`` to choose between them. Rules have names (``"ledoit_wolf"``,
 ``"oas"``, ...): :func:`register_rule` adds one, :func:`make_rule` builds one by name.
 
@@ -26,12 +27,14 @@ from curvlab.shrinkage.functions import (
     empirical_covariance,
     ledoit_wolf,
     ledoit_wolf_shrinkage,
+    log_likelihood,
     oas,
     shrunk_covariance,
 )
 from curvlab.shrinkage.ledoit_wolf_2020 import LedoitWolf2020, analytical_shrinkage
 from curvlab.shrinkage.linear import (
     OAS,
+    EmpiricalCovariance,
     FixedShrinkage,
     LedoitWolf,
     RMTLinear,
@@ -52,6 +55,7 @@ __all__ = [
     "BaseShrinkage",
     "Comparison",
     "EigenvalueClipping",
+    "EmpiricalCovariance",
     "FixedShrinkage",
     "InputTypeError",
     "LedoitWolf",
@@ -72,6 +76,7 @@ __all__ = [
     "learning_rate_scale",
     "ledoit_wolf",
     "ledoit_wolf_shrinkage",
+    "log_likelihood",
     "make_rule",
     "noise_of_mean",
     "oas",

@@ -1,12 +1,14 @@
 """scikit-learn's covariance functions, on curvlab's float64 statistics.
 
-``empirical_covariance``, ``shrunk_covariance``, ``ledoit_wolf_shrinkage``, ``ledoit_wolf``
-and ``oas`` take the arguments of their ``sklearn.covariance`` namesakes and return the
-same numbers (numpy in, numpy out; a torch tensor gives tensors of its dtype).
+``empirical_covariance``, ``shrunk_covariance``, ``ledoit_wolf_shrinkage``, ``ledoit_wolf``,
+``oas`` and ``log_likelihood`` take the arguments of their ``sklearn.covariance`` namesakes
+and return the same numbers (numpy in, numpy out; a torch tensor gives tensors of its dtype;
+``log_likelihood`` returns a float).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -204,6 +206,56 @@ def oas(X: Any, *, assume_centered: bool = False):
     """
     fit = OAS(assume_centered=assume_centered, store_precision=False).fit(_two_d(X))
     return fit.covariance_, fit.shrinkage_
+
+
+def log_likelihood(emp_cov: Any, precision: Any) -> float:
+    """The Gaussian log-likelihood of data with empirical covariance ``emp_cov`` under the
+    precision ``precision``, per sample:
+    (-tr(S P) + log det P - p log(2 pi)) / 2, and -inf when P (symmetrised) is not positive
+    definite to working precision (such as the pseudo-inverse of a rank-deficient S).
+
+    Parameters
+    ----------
+    emp_cov : array-like or torch.Tensor, [p, p]
+        The data's maximum-likelihood covariance S (about the model's location).
+    precision : array-like or torch.Tensor, [p, p]
+        The model's precision P.
+
+    Returns
+    -------
+    float
+        Computed in float64.
+
+    References
+    ----------
+    F. Pedregosa et al., "Scikit-learn: machine learning in Python", JMLR 12 (2011)
+    (``sklearn.covariance.log_likelihood``, which this function matches).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> round(log_likelihood(np.eye(2), np.eye(2)), 6)  # -(2 + 2 log(2 pi)) / 2
+    -2.837877
+    """
+    S = _square("emp_cov", emp_cov)
+    P = _square("precision", precision)
+    if S.shape != P.shape:
+        raise InvalidInputError(
+            f"emp_cov {tuple(S.shape)} and precision {tuple(P.shape)} must have one shape"
+        )
+    p = P.shape[0]
+    values = torch.linalg.eigvalsh((P + P.T) / 2)
+    if not float(values[0]) > p * torch.finfo(F64).eps * float(values.abs().max()):
+        return -math.inf  # singular to working precision, or not positive definite
+    logdet = float(values.log().sum())
+    return float((-(S * P).sum() + logdet - p * math.log(2 * math.pi)) / 2)
+
+
+def _square(name: str, A: Any) -> torch.Tensor:
+    T = torch.as_tensor(np.asarray(A) if not isinstance(A, torch.Tensor) else A)
+    if T.ndim != 2 or T.shape[0] != T.shape[1]:
+        raise InvalidInputError(f"{name} must be a square [p, p] matrix, got {tuple(T.shape)}")
+    return T.to(F64)
 
 
 def _two_d(X: Any) -> Any:

@@ -227,6 +227,63 @@ class ShrunkCovariance(LinearShrinkage):
         return rho, st.mean("trace") / st.p, None
 
 
+class EmpiricalCovariance(LinearShrinkage):
+    """The maximum-likelihood covariance S itself (no shrinkage), with the covariance API.
+
+    The baseline every shrinkage is compared with: ``EmpiricalCovariance().fit(X)`` is
+    :class:`ShrunkCovariance` at ``shrinkage=0``; for n <= p its precision is the
+    pseudo-inverse and its ``score`` is -inf, as in scikit-learn.
+
+    Parameters
+    ----------
+    store_precision : bool, default True
+        As for :class:`LedoitWolf`.
+    assume_centered : bool, default False
+        As for :class:`LedoitWolf`.
+    exact : bool or None, default None
+        For estimators: how tr S is obtained (as for :class:`LedoitWolf`).
+    n_probes : int, default 30
+        As for :class:`LedoitWolf`.
+    probe_batch : int, default 1
+        As for :class:`LedoitWolf`.
+    seed : int or torch.Generator, default 0
+        As for :class:`LedoitWolf`.
+
+    Attributes
+    ----------
+    shrinkage_, damping_ : float
+        0.
+    covariance_, precision_, location_ : array or tensor
+        Explicit inputs only, as for :class:`LedoitWolf`.
+
+    References
+    ----------
+    F. Pedregosa et al., "Scikit-learn: machine learning in Python", JMLR 12 (2011)
+    (``sklearn.covariance.EmpiricalCovariance``, which this class matches).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> X = np.random.default_rng(0).standard_normal((50, 4))
+    >>> fit = EmpiricalCovariance().fit(X)
+    >>> bool(np.allclose(fit.covariance_, np.cov(X.T, bias=True))), fit.shrinkage_
+    (True, 0.0)
+    """
+
+    def __init__(self, *, store_precision: bool = True, assume_centered: bool = False,
+                 exact: bool | None = None, n_probes: int = 30, probe_batch: int = 1,
+                 seed: Seed = 0):
+        self.store_precision = store_precision
+        self.assume_centered = assume_centered
+        self.exact = exact
+        self.n_probes = n_probes
+        self.probe_batch = probe_batch
+        self.seed = seed
+
+    def _rule(self, st: TraceStats) -> tuple[float, float, None]:
+        return 0.0, st.mean("trace") / st.p, None
+
+
 class RMTLinear(LinearShrinkage):
     """The paper's rule: damping delta = P^-1 Tr X^2 toward the identity, rho = delta/(1+delta).
 

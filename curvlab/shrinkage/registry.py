@@ -25,7 +25,14 @@ from typing import Any
 
 from curvlab.errors import InvalidInputError
 from curvlab.shrinkage.ledoit_wolf_2020 import LedoitWolf2020
-from curvlab.shrinkage.linear import OAS, FixedShrinkage, LedoitWolf, RMTLinear, ShrunkCovariance
+from curvlab.shrinkage.linear import (
+    OAS,
+    EmpiricalCovariance,
+    FixedShrinkage,
+    LedoitWolf,
+    RMTLinear,
+    ShrunkCovariance,
+)
 from curvlab.shrinkage.nonlinear import EigenvalueClipping, RotationInvariant
 from curvlab.validation import check_callable
 
@@ -77,7 +84,7 @@ def rules() -> dict[str, Callable[..., Any]]:
     --------
     >>> from curvlab.shrinkage import rules
     >>> [name for name in rules()][:3]
-    ['ledoit_wolf', 'oas', 'rmt_linear']
+    ['empirical_covariance', 'ledoit_wolf', 'oas']
     """
     return dict(_RULES)
 
@@ -131,6 +138,7 @@ def make_rule(spec: Any, **params: Any) -> Any:
 
 
 for _name, _cls in (
+    ("empirical_covariance", EmpiricalCovariance),
     ("ledoit_wolf", LedoitWolf),
     ("oas", OAS),
     ("rmt_linear", RMTLinear),
