@@ -546,9 +546,14 @@ _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
 def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
-    """Exact content checksums of ``tensors`` (sum and sum of squares of their bit patterns,
-    in wrapping int64 arithmetic): any write changes them, including writes through
-    ``.data`` that bypass version counters.
+    """Exact content checksums of ``tensors``: any write changes them, including writes
+    through ``.data`` that bypass version counters, values moved between tensors and
+    permutations within one.
+
+    The bit patterns of each group of tensors with one bit width and device are concatenated
+    (b_1, ..., b_m) and summarised, in wrapping int64 arithmetic, by sum_i b_i,
+    sum_i b_i^2 and the position-weighted sum_i (m - i + 1) b_i (the sum of the cumulative
+    sums), so a change is missed only when its differences cancel modulo 2^64 in all three.
 
     Parameters
     ----------
@@ -558,16 +563,16 @@ def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     Returns
     -------
     tuple of int
-        Two integers per group of tensors with one bit width and device (empty for no
-        tensors); the tensors of a group are checksummed together, in one pass.
+        Three integers per group of tensors (empty for no tensors).
 
     Examples
     --------
     >>> import torch
     >>> from curvlab.model_view import fingerprint
-    >>> w = torch.zeros(3)
+    >>> w = torch.tensor([1.0, 2.0, 3.0])
     >>> before = fingerprint([w])
-    >>> w.data[0] = 1.0  # .data bypasses the version counter, not the fingerprint
+    >>> w.data.copy_(w.data.flip(0))  # .data bypasses the version counter, not the fingerprint
+    tensor([3., 2., 1.])
     >>> fingerprint([w]) == before
     False
     """
@@ -582,7 +587,7 @@ def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     sums = []
     for parts in groups.values():
         bits = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.int64)
-        sums += [bits.sum(), (bits * bits).sum()]
+        sums += [bits.sum(), (bits * bits).sum(), bits.cumsum(0).sum()]
     return tuple(torch.stack(sums).tolist()) if sums else ()
 
 
@@ -685,18 +690,17 @@ class ModelView:
             view.training = src.training if self.mode is None else self.mode == "train"
 
     def state_key(self) -> tuple:
-        """Identifies the user's model state: every module's train/eval flag, the version
-        counter of every parameter and buffer (any in-place write through the tensor itself:
-        optimizer steps, ``copy_``, ``load_state_dict``, even one that only permutes
-        values) and their contents (:func:`fingerprint`: writes through ``.data`` or
-        ``vector_to_parameters``, which bypass version counters). The one write not seen is
-        a write through ``.data`` that only permutes values within a tensor: call
-        ``refresh()`` after one. Replaced parameter objects are seen through their version
-        counters and contents; the aliases are rebuilt when they no longer share storage."""
+        """Identifies the user's model state: every module's train/eval flag, the storage
+        and version counter of every parameter and buffer (a replaced tensor or ``.data``,
+        any in-place write through the tensor itself: optimizer steps, ``copy_``,
+        ``load_state_dict``) and their contents (:func:`fingerprint`: writes through
+        ``.data`` or ``vector_to_parameters``, which bypass version counters, values moved
+        between tensors or permuted within one). The aliases are rebuilt when they no longer
+        share storage with the parameters."""
         tensors = [*self.source.parameters(), *self.source.buffers()]
         return (
             tuple(m.training for m, _ in self._pairs),
-            tuple(t._version for t in tensors),
+            tuple((t.data_ptr(), t._version) for t in tensors),
             fingerprint(tensors),
         )
 

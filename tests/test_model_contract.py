@@ -358,6 +358,20 @@ def _permute_in_place(model, x, y):
     return x, y
 
 
+def _exchange_through_data(model, x, y):
+    a, b = model[0].bias.data, model[2].bias.data
+    saved = a[:3].clone()
+    a[:3].copy_(b[:3])
+    b[:3].copy_(saved)
+    return x, y
+
+
+def _permute_through_data(model, x, y):
+    w = model[0].weight.data
+    w.copy_(w.flip(0))
+    return x, y
+
+
 def _inplace_data(model, x, y):
     x.mul_(1.7)
     y[:4] = (y[:4] + 1) % 3
@@ -371,6 +385,8 @@ WRITES = {
     "load_state_dict(assign)": _load_state_dict_assign,
     "load_state_dict permuted": _load_state_dict_permuted,
     "permuted in place": _permute_in_place,
+    "values exchanged through .data": _exchange_through_data,
+    "permuted through .data": _permute_through_data,
     "data inplace": _inplace_data,
 }
 
