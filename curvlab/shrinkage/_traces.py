@@ -196,15 +196,21 @@ def factor_stats(F: torch.Tensor) -> tuple[TraceStats, torch.Tensor]:
     return stats, K
 
 
+def check_symmetric(M: torch.Tensor, what: str) -> None:
+    """Refuse a matrix [p, p] (or a stack [n, p, p]) that is not symmetric to 1e-6 relative
+    (1e-8 of its largest entry absolute)."""
+    scale = float(M.abs().max()) if M.numel() else 0.0
+    if not torch.allclose(M, M.transpose(-1, -2), rtol=1e-6, atol=1e-8 * scale):
+        raise InvalidInputError(f"{what} must be symmetric; pass (M + M^T) / 2")
+
+
 def matrix_stats(M: torch.Tensor, *, check: bool = True) -> tuple[TraceStats, torch.Tensor]:
     """Exact statistics of explicit symmetric matrices M [n, p, p]; also their float64
     mean S. ``check=False`` skips the symmetry check, for matrices already checked (the
     held-out refits of a fit on subsets of its own, validated, matrices)."""
     n, p, _ = M.shape
     if check:
-        scale = float(M.abs().max()) if M.numel() else 0.0
-        if not torch.allclose(M, M.transpose(1, 2), rtol=1e-6, atol=1e-8 * scale):
-            raise InvalidInputError("per-sample matrices must be symmetric; pass (M + M^T) / 2")
+        check_symmetric(M, "per-sample matrices")
     M64 = M.to(F64)
     S = M64.mean(dim=0)
     trace = float(torch.diagonal(S).sum())

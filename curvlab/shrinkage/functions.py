@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from curvlab.errors import InvalidInputError
+from curvlab.shrinkage._represent import Eigen
 from curvlab.shrinkage._traces import vector_stats
 from curvlab.shrinkage._validation import as_samples, warn_one_sample
 from curvlab.shrinkage.linear import OAS, LedoitWolf
@@ -212,7 +213,11 @@ def log_likelihood(emp_cov: Any, precision: Any) -> float:
     """The Gaussian log-likelihood of data with empirical covariance ``emp_cov`` under the
     precision ``precision``, per sample:
     (-tr(S P) + log det P - p log(2 pi)) / 2, and -inf when P (symmetrised) is not positive
-    definite to working precision (such as the pseudo-inverse of a rank-deficient S).
+    definite to working precision: an eigenvalue at or below p eps max|eigenvalue| (the
+    cutoff of ``scipy.linalg.pinvh`` and of the fitted estimators' ``score``), such as the
+    pseudo-inverse of a rank-deficient S has. scikit-learn tests only the sign of the
+    determinant, so for a precision numerically singular it returns a finite value whose
+    size follows rounding.
 
     Parameters
     ----------
@@ -244,10 +249,9 @@ def log_likelihood(emp_cov: Any, precision: Any) -> float:
             f"emp_cov {tuple(S.shape)} and precision {tuple(P.shape)} must have one shape"
         )
     p = P.shape[0]
-    values = torch.linalg.eigvalsh((P + P.T) / 2)
-    if not float(values[0]) > p * torch.finfo(F64).eps * float(values.abs().max()):
-        return -math.inf  # singular to working precision, or not positive definite
-    logdet = float(values.log().sum())
+    logdet = Eigen.of((P + P.T) / 2).logdet()  # the fitted estimators' cutoff
+    if logdet == -math.inf:
+        return -math.inf
     return float((-(S * P).sum() + logdet - p * math.log(2 * math.pi)) / 2)
 
 

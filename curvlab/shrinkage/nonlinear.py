@@ -49,10 +49,21 @@ from curvlab.errors import CurvlabWarning, InvalidInputError, NumericalError
 from curvlab.results import Eigenpairs
 from curvlab.shrinkage import _heldout
 from curvlab.shrinkage._represent import Eigen, ShiftedOperator
-from curvlab.shrinkage._traces import group_means, matrix_stats, probe_stats
+from curvlab.shrinkage._traces import (
+    TraceStats,
+    check_symmetric,
+    group_means,
+    matrix_stats,
+    probe_stats,
+)
 from curvlab.shrinkage._validation import as_samples
 from curvlab.shrinkage.base import BaseShrinkage, is_operator, is_sample_operator
 from curvlab.validation import check_int, check_nonnegative
+
+
+def _with_stats(units: torch.Tensor) -> tuple[torch.Tensor, TraceStats]:
+    """Units [m, p, p] formed by curvlab (symmetric by construction) and their statistics."""
+    return units, matrix_stats(units, check=False)[0]
 
 
 def noise_of_mean(stats) -> float:
@@ -128,12 +139,13 @@ class _SpectralCleaning(BaseShrinkage):
         raise NotImplementedError
 
     def _review(self, values, cleaned, units):
-        """The final values of a dense fit (RotationInvariant checks its model here)."""
+        """The final values of a dense fit (RotationInvariant checks its model here);
+        ``units`` is None or a callable giving the per-sample matrices and their
+        statistics."""
         return cleaned
 
-    def _review_operator(self, op, values, cleaned, nodes, weights) -> bool:
-        """Whether the matrix-free fit stands (RotationInvariant may replace it)."""
-        return True
+    def _review_operator(self, op, values, nodes, weights) -> None:
+        """Check a matrix-free fit (RotationInvariant may replace it)."""
 
     def fit(self, X: Any, y: Any = None) -> _SpectralCleaning:
         """Fit from a symmetric matrix, per-sample matrices, eigenpairs or an operator.
@@ -175,7 +187,7 @@ class _SpectralCleaning(BaseShrinkage):
                 if is_sample_operator(X):
                     if noise is None and self.uses_noise:
                         noise = noise_of_mean(probe_stats(X, self.n_probes, self.seed))
-                    units = lambda: group_means(X)  # noqa: E731 - formed only when needed
+                    units = lambda: _with_stats(group_means(X))  # noqa: E731 - when needed
                 values, vectors = torch.linalg.eigh(dense())
                 self._fit_dense(values, vectors, noise, keep_dense=False, units=units)
             else:
@@ -187,12 +199,10 @@ class _SpectralCleaning(BaseShrinkage):
             stats, M = matrix_stats(T)
             M = M.to(T.dtype)
             noise = noise_of_mean(stats) if noise is None else noise
-            units = T
+            units = lambda: (T, stats)  # noqa: E731 - the statistics already computed
         elif T.ndim == 2 and T.shape[0] == T.shape[1]:
             M = T
-            scale = float(M.abs().max())
-            if not torch.allclose(M, M.T, rtol=1e-6, atol=1e-8 * scale):
-                raise InvalidInputError("the matrix must be symmetric; pass (M + M^T) / 2")
+            check_symmetric(M, "the matrix")
         else:
             raise InvalidInputError(
                 f"expected a symmetric matrix [p, p] or per-sample matrices [n, p, p], got "
@@ -233,7 +243,7 @@ class _SpectralCleaning(BaseShrinkage):
         bulk = (trace - float(cleaned.sum())) / (p - values.numel())
         self._store(values, cleaned, vectors, bulk)
         self.n_matvecs_ = pairs.n_matvecs + density.n_matvecs
-        self._review_operator(op, values, cleaned, nodes, weights)
+        self._review_operator(op, values, nodes, weights)
 
     def _store(self, raw, cleaned, vectors, bulk) -> None:
         self.raw_eigenvalues_ = self._out(raw)
@@ -465,8 +475,7 @@ class RotationInvariant(_SpectralCleaning):
             return cleaned
         values = values.to(torch.float64)
         folds = self._folds()
-        if units is not None and callable(units):
-            units = units()
+        units, stats = units() if units is not None else (None, None)
         if units is not None and units.shape[0] >= max(folds, 3):
             choice, self.heldout_gains_ = _heldout.choose(units, folds)
             self._warn(f"kept {choice!r}, the best {folds}-fold held-out score")
@@ -475,7 +484,7 @@ class RotationInvariant(_SpectralCleaning):
                 return cleaned
             if choice == "raw":
                 return values
-            rho, tau = _heldout.linear_candidates()[choice](matrix_stats(units, check=False)[0])
+            rho, tau = _heldout.linear_candidates()[choice](stats)
         else:
             mu = float(values.mean())
             spread = float(((values - mu) ** 2).mean())
@@ -485,14 +494,14 @@ class RotationInvariant(_SpectralCleaning):
             self._warn(f"fell back to linear shrinkage toward (tr M / P) I, rho = {rho:.3g}")
         return (1 - rho) * values + rho * tau
 
-    def _review_operator(self, op, values, cleaned, nodes, weights) -> bool:
+    def _review_operator(self, op, values, nodes, weights) -> None:
         if not self.check_model:
-            return True
+            return
         p = int(op.num_params)
         self.model_check_ = _heldout.diagnose(values, self.noise_variance_, p, nodes=nodes,
                                               weights=weights, dtype=self._dtype)
         if self.model_check_["holds"]:
-            return True
+            return
         mu = float((weights * nodes).sum(dim=1).mean())
         spread = float((weights * nodes**2).sum(dim=1).mean()) - mu**2
         rho = 1.0 if spread <= 0 else min(self.noise_variance_ / spread, 1.0)
@@ -502,4 +511,3 @@ class RotationInvariant(_SpectralCleaning):
         self.eigenvalues_ = self._out(linear)
         self.bulk_value_ = None
         self._rep = ShiftedOperator(op, rho, mu)
-        return False
