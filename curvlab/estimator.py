@@ -547,6 +547,7 @@ class CurvatureEstimator(Operator):
         if "diagonal" not in self.capabilities:
             return None
         self._current()
+        self._refuse_coupled_batches()
         with self._backend_errors("computing the diagonal"):
             return self._diagonal()
 

@@ -183,6 +183,22 @@ def test_2_train_batchnorm_refuses_groups_of_one_sample():
         )
 
 
+@pytest.mark.parametrize("backend", ["autograd", "backpack", "kfac"])
+def test_2_train_batchnorm_over_several_batches_refuses_the_diagonal_too(backend):
+    model = batchnorm_model().eval()
+    if backend == "kfac":  # KFAC covers Linear layers only: BatchNorm without parameters
+        model[1] = nn.BatchNorm1d(6, affine=False).to(F64).eval()
+    x, y = data()
+    batches = [(x[:6], y[:6]), (x[6:], y[6:])]
+    est = curvlab.estimator(backend, model, nn.CrossEntropyLoss(), batches, curvature="ggn")
+    est.diagonal()  # eval mode: defined
+    model.train()  # now each batch normalises itself: the curvature of both is undefined
+    for call in (est.diagonal, lambda: est.matvec(probes(est.num_params)[:, 0])):
+        with pytest.raises(UnsupportedModelError, match="BatchNorm"):
+            call()
+    model.eval()
+
+
 @pytest.mark.parametrize("curvature", ["hessian", "ggn", "ef"])
 def test_2_train_batchnorm_groups_are_their_own_minibatches(curvature):
     model = batchnorm_model()
