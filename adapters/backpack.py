@@ -318,12 +318,13 @@ class BackpackEstimator(CurvatureEstimator):
     def _shared_parameters(self) -> list[str]:
         """Parameters held by more than one module (tied weights): BackPACK's extensions
         would treat each use as its own parameter."""
-        owners: dict[int, list[str]] = {}
+        owners: dict[int, dict[int, str]] = {}  # parameter -> module -> its first name
         for name, m in self._net.named_modules(remove_duplicate=False):
             for p in m._parameters.values():
                 if p is not None:
-                    owners.setdefault(id(p), []).append(name or type(m).__name__)
-        return sorted(" and ".join(names) for names in owners.values() if len(set(names)) > 1)
+                    owners.setdefault(id(p), {}).setdefault(id(m), name or type(m).__name__)
+        return sorted({" and ".join(by_module.values()) for by_module in owners.values()
+                       if len(by_module) > 1})
 
     def _output_size(self) -> int:
         x, _ = self.batches[0]

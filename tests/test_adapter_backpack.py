@@ -90,6 +90,32 @@ def test_ggn_products_diagonal_and_groups_match_dense(name, target):
     torch.testing.assert_close(est.group_matvecs(v, 5), ref.group_matvecs(v, 5), **EXACT)
 
 
+class Aliased(nn.Module):
+    """One head registered under two names and called once: not a tied weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 5)
+        self.act = nn.Tanh()
+        self.head = nn.Linear(5, 3)
+        self.out = self.head
+
+    def forward(self, x):
+        return self.out(self.act(self.body(x)))
+
+
+def test_a_module_registered_under_two_names_keeps_the_extensions():
+    torch.manual_seed(0)
+    model = Aliased().to(F64)
+    x, y = torch.randn(10, 4, dtype=F64), torch.randint(0, 3, (10,))
+    loss_fn = nn.CrossEntropyLoss()
+    est = curvlab.estimator("backpack", model, loss_fn, (x, y), curvature="ggn",
+                            use_converter=False)
+    assert {"diagonal", "kronecker_factors"} <= set(est.capabilities)
+    torch.testing.assert_close(est.diagonal(), dense_ggn(model, loss_fn, x, y).diagonal(),
+                               **EXACT)
+
+
 @pytest.mark.parametrize("name,target", [("tanh_mlp", "ce"), ("seq_cnn", "mse")])
 def test_hessian_products_and_diagonals_match_dense(name, target):
     model, loss_fn, x, y = setup(name, target)
