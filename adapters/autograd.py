@@ -311,16 +311,23 @@ class AutogradEstimator(CurvatureEstimator):
     def _group_fn(self, group_size: int):
         """f(x_g, y_g, masks_g, r_g, V) -> [k, P]: one group's curvature times the probe rows
         of V, scaled so rows average to the full product. Second derivatives are
-        reverse-over-reverse of a directional derivative (a vjp of the gradient breaks
-        BatchNorm's double backward under vmap; forward-over-reverse hits immutable
-        ZeroTensors in MSELoss)."""
+        reverse-over-reverse (forward-over-reverse hits immutable ZeroTensors in MSELoss):
+        the Hessian's forward pass and first backward are shared by the probes (a vjp of
+        the gradient), except under batch-coupled layers, whose double backward a vjp of the
+        gradient breaks under vmap: there each probe differentiates its own directional
+        derivative."""
         primals = tuple(p.detach() for p in self.params)
         scale = self.sample_scale / group_size
+        shared = not self.view.batch_coupled()
 
         def forward(ps, x, masks):
             return self.view.forward(self._state(ps), x, tape=MaskTape(replay=masks))
 
         def product(x, y, masks, r, V):
+            if self.curvature == "hessian" and shared:
+                loss = lambda ps: scale * self.loss.summed(forward(ps, x, masks), y)  # noqa: E731
+                _, pullback = vjp(grad(loss), primals)
+                return vmap(lambda v: flatten(pullback(tuple(unflatten(v, self.params)))[0]))(V)
             if self.curvature == "hessian":
 
                 def hvp(v):
