@@ -190,8 +190,10 @@ def noise_variance(
     values = factor * group_size * sigma2
     # the groups are a sample of the population only where it is larger than what is held
     held = 0.0 if math.isinf(n_pop) else min(1.0, work.num_samples / n_pop)
-    probes, groups = _variances(values, (1.0 - held) * (factor * group_size) ** 2
-                                * stats.group_variance())
+    # the whole population held: the groups are not a sample and add no error
+    group_var = (torch.zeros_like(values) if held >= 1.0
+                 else (1.0 - held) * (factor * group_size) ** 2 * stats.group_variance())
+    probes, groups = _variances(values, group_var)
     return NoiseEstimate(
         value=float(values.mean()),
         stderr=math.sqrt(probes + groups),

@@ -187,6 +187,16 @@ def test_standard_error_parts_follow_the_population(logreg):
     assert math.isnan(est.noise_variance(batch_size=16, n_probes=1, seed=0).stderr)
 
 
+def test_two_groups_of_the_whole_population_keep_the_probe_error():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    y = torch.randn(4, 1, generator=gen, dtype=torch.float64)
+    est = curvlab.estimator("autograd", nn.Linear(3, 1).double(), nn.MSELoss(), (x, y))
+    got = est.noise_variance(batch_size=2, group_size=2, n_probes=10)
+    assert got.n_groups == 2 and got.stderr_groups == 0  # every sample held: no sampling
+    assert math.isfinite(got.stderr) and got.stderr == got.stderr_probes > 0
+
+
 def test_population_sets_the_finite_population_factor(logreg):
     est, _, _ = logreg
     finite = noise_variance(est, batch_size=16, n_probes=3, seed=1)
