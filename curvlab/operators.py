@@ -577,10 +577,16 @@ class Operator(abc.ABC):
             raise InvalidInputError(
                 f"method must be None, 'exact', 'xdiag' or 'hutchinson', got {method!r}"
             )
+        from curvlab.results import DiagonalEstimate
         from curvlab.spectral.diagonal import diagonal_estimate
 
         if method in ("xdiag", "hutchinson"):
             budget = 100 if n_matvecs is None else n_matvecs
+            exact_budget = not isinstance(budget, bool) and isinstance(budget, int)
+            if exact_budget and budget >= self.num_params:  # exact: the cheapest route
+                exact = self._exact_diagonal(progress, callback)
+                if exact is not None:
+                    return DiagonalEstimate(exact, torch.zeros_like(exact), 0, "exact")
             return diagonal_estimate(
                 self, method=method, n_matvecs=budget, seed=seed, progress=progress,
                 callback=callback,

@@ -35,6 +35,17 @@ def test_default_diagonal_is_exact_on_every_backend(backend, curvature):
 
 
 @pytest.mark.parametrize("method", ["xdiag", "hutchinson"])
+def test_an_estimate_with_budget_for_exactness_uses_the_backends_own_diagonal(method):
+    model, loss_fn, data = _setup()
+    est = curvlab.estimator("backpack", model, loss_fn, data, curvature="ggn")
+    exact = est.diagonal()
+    before = est.n_matvecs
+    got = est.diagonal(method=method, n_matvecs=est.num_params)
+    assert est.n_matvecs == before and got.exact and got.n_matvecs == 0
+    assert torch.equal(got.value, exact) and torch.equal(got.stderr, torch.zeros_like(exact))
+
+
+@pytest.mark.parametrize("method", ["xdiag", "hutchinson"])
 def test_estimates_carry_a_calibrated_standard_error(method):
     model, loss_fn, data = _setup()
     est = curvlab.estimator("autograd", model, loss_fn, data)
