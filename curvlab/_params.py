@@ -133,9 +133,11 @@ def local_selection(indices: torch.Tensor, local_n: int, distributed: bool) -> t
 
     Raises (on every rank alike) when some rank would hold none of them.
     """
-    if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.is_complex():
+    if (not isinstance(indices, torch.Tensor) or indices.is_floating_point()
+            or indices.is_complex() or indices.dtype == torch.bool):
         raise InvalidInputError(
-            "subsample indices must be an integer tensor of sample indices, got "
+            "subsample indices must be an integer tensor of sample indices (for a boolean "
+            "mask pass mask.nonzero().squeeze(1)), got "
             + (str(indices.dtype) if isinstance(indices, torch.Tensor) else type(indices).__name__)
         )
     bounds, total = shard_layout(local_n, distributed)

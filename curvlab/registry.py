@@ -358,7 +358,7 @@ def estimator(
         ``mc_samples``, ``vectorize``, ``chunk_size`` (autograd); ``fisher_type``,
         ``mc_samples``, ``use_converter`` (backpack); ``approximation``, ``fisher_type``,
         ``mc_samples``, ``kfac_approx``, ``separate_weight_and_bias`` (kfac). An unknown
-        option is a ``TypeError`` of the adapter class.
+        option raises :class:`~curvlab.InvalidInputError` naming the options there are.
 
     Returns
     -------

@@ -238,3 +238,5 @@ def test_unknown_options_and_float_indices_are_refused(est):
         curvlab.estimator("autograd", _model(), nn.CrossEntropyLoss(), _data(), bogus=1)
     with pytest.raises(curvlab.InvalidInputError, match="integer tensor"):
         est.subset(torch.tensor([0.5, 1.0]))
+    with pytest.raises(curvlab.InvalidInputError, match=r"mask\.nonzero\(\)"):
+        est.subset(torch.tensor([True, False]))  # a mask, not the indices [1, 0]
