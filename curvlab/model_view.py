@@ -591,6 +591,25 @@ def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     return tuple(torch.stack(sums).tolist()) if sums else ()
 
 
+def batch_coupled(module: nn.Module) -> list[str]:
+    """Names of the modules whose output mixes the samples of a batch: BatchNorm using
+    batch statistics (train mode, or no running statistics).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    >>> batch_coupled(net), batch_coupled(net.eval())
+    (['1'], [])
+    """
+    return [
+        name or type(m).__name__
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and (m.training or m.running_mean is None)
+    ]
+
+
 # ---------------------------------------------------------------------- the view
 class ModelView:
     """The hook-free view of a model that backends differentiate (see module docstring).
@@ -751,14 +770,9 @@ class ModelView:
         ]
 
     def batch_coupled(self) -> list[str]:
-        """Modules whose output mixes the samples of a batch: BatchNorm using batch
-        statistics (train mode, or no running statistics)."""
-        return [
-            name or type(m).__name__
-            for name, m in self.module.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and (m.training or m.running_mean is None)
-        ]
+        """Modules of the view whose output mixes the samples of a batch
+        (:func:`batch_coupled`)."""
+        return batch_coupled(self.module)
 
     def stochastic(self) -> list[str]:
         """Modules that draw random masks in their current mode.
@@ -821,6 +835,7 @@ __all__ = [
     "MODES",
     "MaskTape",
     "ModelView",
+    "batch_coupled",
     "fingerprint",
     "hook_free_copy",
     "no_global_hooks",

@@ -235,8 +235,9 @@ def test_explicit_batch_size_is_used_and_a_disagreement_warned_once(digits):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         agreeing.step(model, CE, (x[:32], y[:32]))
+    # same seed, data and order: (1/32) / (1/128) exactly
     assert agreeing.history[0].estimate == pytest.approx(damper.history[0].estimate * 4,
-                                                          rel=0.5)
+                                                          rel=1e-12)
 
 
 def test_a_batch_too_small_is_skipped_with_a_warning_not_raised(digits):
@@ -249,6 +250,43 @@ def test_a_batch_too_small_is_skipped_with_a_warning_not_raised(digits):
     assert (record.decision, record.damping) == ("skip", 2e-3) and "2 samples" in record.reason
     damper.step(model, CE, (x[:32], y[:32]))
     assert damper.history[1].decision == "accept"
+
+
+def test_a_batch_too_small_for_groups_of_two_under_train_batchnorm_is_skipped(digits):
+    x, y = digits
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8), nn.BatchNorm1d(8), nn.Tanh(),
+                          nn.Linear(8, 10)).to(torch.float64).train()
+    damper = LinearShrinkageDamper(init=2e-3, update_every=1)
+    with pytest.warns(CurvlabWarning, match="too few samples"):  # warned once
+        for n in (2, 3):  # one group of 2: BatchNorm needs 2 per group, the variance 2 groups
+            damper.step(model, CE, (x[:n], y[:n]))
+    assert [r.decision for r in damper.history] == ["skip", "skip"]
+    assert "1 group(s) of 2" in damper.history[0].reason
+    damper.step(model, CE, (x[:16], y[:16]))
+    assert damper.history[-1].decision == "accept"
+
+
+def test_a_dataloader_passed_to_step_leaves_the_global_rng_as_found(digits):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = digits
+    model = make_mlp()
+    loader = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32, shuffle=True)
+    damper = LinearShrinkageDamper(update_every=1)
+    state = torch.random.get_rng_state()
+    damper.step(model, CE, loader)
+    assert damper.history[0].decision == "accept"
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_the_target_scale_is_smoothed_with_the_update_rules_weight():
+    for rule, expected in ((PaperUpdate(ema=0.0), 4.0), (PaperUpdate(ema=0.5), 3.0),
+                           (Bounded(PaperUpdate(ema=0.0), high=1.0), 4.0)):
+        damper = scripted(update_rule=rule)
+        damper.update(0, RawEstimate(1e-2, target_scale=2.0))
+        damper.update(1, RawEstimate(1e-2, target_scale=4.0))
+        assert damper.tau == pytest.approx(expected, rel=1e-15)
 
 
 @pytest.mark.parametrize("kind", ["ledoit_wolf", "oas", "rmt_linear"])

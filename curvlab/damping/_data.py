@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from curvlab._params import as_batches, check_input_dtypes
 from curvlab.errors import InvalidInputError
 from curvlab.validation import check_int
 
@@ -63,50 +64,18 @@ def batch_size_of(data: Any) -> int:
 
 def read_batch(data: Any, params: Sequence[torch.Tensor]) -> Batch:
     """One (x, y) pair from one batch or an iterable of batches, checked against the
-    parameters (device, floating dtype, matching sample counts)."""
-    batches = _batches(data)
-    for i, (x, y) in enumerate(batches):
-        _check_batch(i, x, y, params[0])
-    if len(batches) == 1:
-        return batches[0]
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-
-
-def _batches(data: Any) -> list[Batch]:
+    parameters (device, floating dtype, matching sample counts) as estimators check theirs;
+    a DataLoader leaves the global RNG as found."""
     if data is None:
         raise InvalidInputError(
             "this step re-estimates the damping: pass the data, damper.step(model, loss_fn, "
             "(x, y))"
         )
-    if _is_batch(data):
-        return [tuple(data)]
-    try:
-        batches = [tuple(b) if isinstance(b, (tuple, list)) else b for b in data]
-    except TypeError as exc:
-        raise InvalidInputError(
-            "data must be one (x, y) batch or an iterable of (x, y) batches"
-        ) from exc
-    if not batches or not all(_is_batch(b) for b in batches):
-        raise InvalidInputError("data must be one (x, y) batch or an iterable of (x, y) batches")
-    return batches
-
-
-def _check_batch(i: int, x: torch.Tensor, y: torch.Tensor, param: torch.Tensor) -> None:
-    if x.ndim == 0 or y.ndim == 0 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise InvalidInputError(
-            f"batch {i}: x and y need the same positive number of samples, got shapes "
-            f"{tuple(x.shape)} and {tuple(y.shape)}"
-        )
-    for name, t in (("x", x), ("y", y)):
-        if t.device != param.device:
-            raise InvalidInputError(
-                f"batch {i}: {name} is on {t.device} but the parameters are on {param.device}"
-            )
-    if x.is_floating_point() and x.dtype != param.dtype:
-        raise InvalidInputError(
-            f"batch {i}: x has dtype {x.dtype} but the parameters {param.dtype}; pass "
-            f"x.to({param.dtype})"
-        )
+    batches = as_batches(data, params[0].device)
+    check_input_dtypes(batches, params[0].dtype)
+    if len(batches) == 1:
+        return batches[0]
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
@@ -158,11 +127,3 @@ def local_positions(
     start = starts[rank]
     mine = indices[(indices >= start) & (indices < start + counts[rank])]
     return mine - start, held, None
-
-
-def _is_batch(obj: Any) -> bool:
-    return (
-        isinstance(obj, (tuple, list))
-        and len(obj) == 2
-        and all(isinstance(t, torch.Tensor) for t in obj)
-    )

@@ -21,6 +21,7 @@ Every update leaves a :class:`~curvlab.damping.DampingRecord` in ``history``.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import deque
@@ -36,6 +37,7 @@ from curvlab._random import make_generator
 from curvlab.damping import _data, _state, sync
 from curvlab.damping._legacy import from_legacy
 from curvlab.damping.estimates import (
+    EstimateRule,
     RawEstimate,
     as_estimate_rule,
     as_raw_estimate,
@@ -47,6 +49,7 @@ from curvlab.damping.sinks import as_sink
 from curvlab.damping.updates import as_update_rule
 from curvlab.errors import CurvlabWarning, InvalidInputError, NumericalError
 from curvlab.estimator import CURVATURES, CurvatureEstimator
+from curvlab.model_view import batch_coupled
 from curvlab.results import NoiseEstimate
 from curvlab.shrinkage.conversions import damping_to_shrinkage, learning_rate_scale
 from curvlab.validation import check_choice, check_int, check_optional, check_positive
@@ -372,7 +375,7 @@ class LinearShrinkageDamper:
                 return self._skip(step, "too_small", why, mean_loss)
             local = local.to(x.device)
             x, y = x[local], y[local]
-        too_small = getattr(self.rule, "skip_reason", lambda c: None)(counts)
+        too_small = self._too_small(counts, model)
         if too_small is not None:
             return self._skip(step, "too_small", f"too few samples: {too_small}", mean_loss)
         batch_size = self._batch_size(reports)
@@ -382,6 +385,16 @@ class LinearShrinkageDamper:
         finally:
             est.release()
         self._fold(step, raw, batch_size, mean_loss)
+
+    def _too_small(self, counts: list[int], model) -> str | None:
+        """The rule's reason to skip these samples (EstimateRules also learn whether the
+        model couples the samples of a batch; duck-typed rules get the counts only)."""
+        reason_of = getattr(self.rule, "skip_reason", None)
+        if reason_of is None:
+            return None
+        if isinstance(self.rule, EstimateRule):
+            return reason_of(counts, coupled=bool(batch_coupled(model)))
+        return reason_of(counts)
 
     def _prepare(self, model, loss_fn, data, loss):
         """This rank's report and batch; never raises (a failure is reported as FAILED)."""
@@ -446,11 +459,11 @@ class LinearShrinkageDamper:
         inferred = sum(r.n_largest for r in reports)
         if self.batch_size is None:
             return inferred
-        passed = inferred  # the largest batches since the last update, over all ranks
-        if self.subsample is None and passed != self.batch_size:
+        # inferred: the largest batches since the last update, over all ranks
+        if self.subsample is None and inferred != self.batch_size:
             self._warn_once(
                 "batch_size",
-                f"batch_size={self.batch_size} but the batch passed to step holds {passed} "
+                f"batch_size={self.batch_size} but the batch passed to step holds {inferred} "
                 f"samples; the damping is for batches of {self.batch_size} (leave batch_size "
                 "unset to use the size of the batches passed)",
             )
@@ -567,7 +580,9 @@ class LinearShrinkageDamper:
         self._delta = float(new)
         tau = raw.target_scale
         if tau is not None and math.isfinite(tau) and tau > 0:
-            self._tau = tau if self._tau is None else 0.7 * self._tau + 0.3 * tau
+            w = getattr(self.update_rule, "ema", None)
+            w = 0.7 if w is None else w  # the update rule's smoothing, 0.7 if it has none
+            self._tau = tau if self._tau is None else w * self._tau + (1.0 - w) * tau
         self._record(step, kind, verdict.decision, verdict.reason, batch_size, loss, raw,
                      folded=verdict.value)
         self._push()
@@ -660,11 +675,7 @@ def _estimator_source(spec: Any):
         from curvlab.registry import estimator, get_spec
 
         get_spec(spec)  # an unknown backend fails now, not at the first update
-
-        def build(model, loss_fn, data, curvature):
-            return estimator(spec, model, loss_fn, data, curvature=curvature)
-
-        return build, None
+        return functools.partial(estimator, spec), None
     if callable(spec):
         return spec, None
     raise InvalidInputError(

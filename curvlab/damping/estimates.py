@@ -119,8 +119,9 @@ class EstimateRule:
         """
         raise NotImplementedError
 
-    def skip_reason(self, counts: Sequence[int]) -> str | None:
-        """Why samples held as ``counts`` (one count per rank) are too few, or None."""
+    def skip_reason(self, counts: Sequence[int], coupled: bool = False) -> str | None:
+        """Why samples held as ``counts`` (one count per rank) are too few, or None;
+        ``coupled``: the model has batch-coupled layers (train-mode BatchNorm)."""
         return None if sum(counts) >= 1 else "the batch is empty"
 
 
@@ -220,9 +221,10 @@ class RMTNoise(EstimateRule):
             f"method={self.method!r}, population={self.population}, target={self.target!r})"
         )
 
-    def skip_reason(self, counts: Sequence[int]) -> str | None:
-        """Too few samples: a rank with fewer than ``group_size``, or fewer than 2 groups."""
-        g = self.groups_of(counts)
+    def skip_reason(self, counts: Sequence[int], coupled: bool = False) -> str | None:
+        """Too few samples: a rank with fewer than ``group_size``, or fewer than 2 groups
+        (of at least 2 samples under batch-coupled layers)."""
+        g = self.groups_of(counts, coupled)
         short = [r for r, n in enumerate(counts) if n < g]
         if len(counts) > 1 and short:
             return (
@@ -304,7 +306,7 @@ class ShrinkageRule(EstimateRule):
     def __repr__(self) -> str:
         return f"ShrinkageRule({self.estimator!r})"
 
-    def skip_reason(self, counts: Sequence[int]) -> str | None:
+    def skip_reason(self, counts: Sequence[int], coupled: bool = False) -> str | None:
         """A shrinkage fit needs at least 2 samples."""
         n = sum(counts)
         return None if n >= 2 else f"{n} sample(s): a shrinkage fit needs at least 2"
