@@ -187,6 +187,11 @@ class Bounded(UpdateRule):
         """The wrapped rule's floor (None if it has none)."""
         return getattr(self.rule, "floor", None)
 
+    @property
+    def ema(self) -> float | None:
+        """The wrapped rule's smoothing weight (None if it has none)."""
+        return getattr(self.rule, "ema", None)
+
     def __repr__(self) -> str:
         return f"Bounded({self.rule!r}, low={self.low}, high={self.high})"
 
