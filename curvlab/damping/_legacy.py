@@ -3,6 +3,7 @@ replace them (deprecated: each use warns once with its replacement)."""
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -80,9 +81,4 @@ def _update_rule(update_rule: Any, options: dict) -> Any:
 def _factory(backend: str, options: dict | None):
     from curvlab.registry import estimator
 
-    options = dict(options or {})
-
-    def build(model, loss_fn, data, curvature):
-        return estimator(backend, model, loss_fn, data, curvature=curvature, **options)
-
-    return build
+    return functools.partial(estimator, backend, **(options or {}))

@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from curvlab._params import resolve_params
+from curvlab.damping.resolve import DampingSource, resolve_damping
 from curvlab.errors import CurvlabWarning, InvalidInputError, UnsupportedModelError
 from curvlab.kronecker import (
     LayerEigen,
@@ -48,7 +49,6 @@ from curvlab.losses import LIKELIHOOD_LOSSES, LossSpec
 from curvlab.model_view import ModelView, unwrap
 from curvlab.optim._legacy import kfac_from_legacy
 from curvlab.optim.kfac_factors import FactorSource, as_factor_source
-from curvlab.optim.lanczos_opt import DampingSource, resolve_damping
 from curvlab.validation import (
     check_int,
     check_nonnegative,
