@@ -3,13 +3,19 @@ in tests/helpers.py: ``from helpers import ...``)."""
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
+from hypothesis import configuration as hypothesis_configuration
 from torch import nn
 
 # The test models are tiny: one intra-op thread avoids thread-pool overhead and makes the
 # suite's timings independent of how many cores the machine has.
 torch.set_num_threads(1)
+
+# Hypothesis keeps its cache in ./.hypothesis by default: keep it out of the checkout.
+hypothesis_configuration.set_hypothesis_home_dir(tempfile.mkdtemp(prefix="curvlab-hypothesis-"))
 
 
 @pytest.fixture
