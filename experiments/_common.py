@@ -607,6 +607,23 @@ def final(history: dict, key: str) -> float:
     return float(history[key][-1])
 
 
+#: Floor of the training losses put on a log scale (a run at zero loss is not -inf).
+LOSS_FLOOR = 1e-4
+
+
+def log_final_loss(run: dict) -> float:
+    """log10 of a run's final training loss, its initial loss if it diverged or ended
+    non-finite, floored at :data:`LOSS_FLOOR`.
+
+    Examples
+    --------
+    >>> log_final_loss({"diverged": True, "train_loss": 0.1, "initial_loss": 10.0})
+    1.0
+    """
+    bad = run["diverged"] or not math.isfinite(run["train_loss"])
+    return math.log10(max(run["initial_loss"] if bad else run["train_loss"], LOSS_FLOOR))
+
+
 def spearman(a, b) -> float:
     """Spearman rank correlation of finite pairs (NaN when fewer than 3 pairs)."""
     from scipy.stats import spearmanr

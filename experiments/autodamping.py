@@ -24,7 +24,6 @@ the learned damping is insensitive to its initial value).
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 
@@ -62,7 +61,6 @@ PAPER_SETTING = (
 FIELDS = (*C.COMMON_FIELDS, "runs", "noise_at_init", "summary")
 
 MOMENTUM = 0.9
-LOSS_FLOOR = 1e-4
 SETTINGS = {
     "smoke": {
         "seeds": 3,
@@ -182,20 +180,11 @@ def _seed_runs(seed: int, s: dict, scale: str, dev) -> tuple[list[dict], dict]:
     return runs, {"value": noise.value, "stderr": noise.stderr}
 
 
-def _log_loss(r: dict) -> float:
-    loss = (
-        r["initial_loss"]
-        if r["diverged"] or not math.isfinite(r["train_loss"])
-        else r["train_loss"]
-    )
-    return math.log10(max(loss, LOSS_FLOOR))
-
-
 def _best_flat_against_learned(runs: list[dict], s: dict) -> str:
     """Where the best flat damping ends against the best learned arm (mean log10 loss)."""
     cells: dict[tuple[str, float], list[float]] = {}
     for r in runs:
-        cells.setdefault((r["damping"], r["init"]), []).append(_log_loss(r))
+        cells.setdefault((r["damping"], r["init"]), []).append(C.log_final_loss(r))
     means = {key: sum(v) / len(v) for key, v in cells.items()}
     flat = min((m, init) for (arm, init), m in means.items() if arm == "flat")
     learned = min((m, arm, init) for (arm, init), m in means.items() if arm != "flat")
@@ -241,7 +230,7 @@ def run(
                     "delta*": f"{mult:g} alpha",
                     "damping": label,
                     "final delta": C.pm([r["final_damping"] for r in sub]),
-                    "log10 final train loss": C.pm([_log_loss(r) for r in sub], ".2f"),
+                    "log10 final train loss": C.pm([C.log_final_loss(r) for r in sub], ".2f"),
                     "failed (diverged or no progress)": sum(_failed(r) for r in sub),
                 }
             )
@@ -257,7 +246,7 @@ def run(
     body += "\n\n" + _best_flat_against_learned(runs, s)
     same = identical_arms(
         runs, "damping", lambda r: f"delta* = {r['init'] / s['lr']:g} alpha",
-        lambda r: (r["final_damping"], _log_loss(r)),
+        lambda r: (r["final_damping"], C.log_final_loss(r)),
     )
     if same:
         body += f"\n\n{same} {SAME_NOTE}"
@@ -294,8 +283,8 @@ def _checks(per_seed: list[list[dict]], noise: list[dict], s: dict) -> tuple[lis
                 sum(_failed(r) for r in rs if r["damping"] == "flat")
                 - sum(_failed(r) for r in rs if r["damping"] == config.label)
             )
-            flat = {r["init"]: _log_loss(r) for r in rs if r["damping"] == "flat"}
-            mine = {r["init"]: _log_loss(r) for r in rs if r["damping"] == config.label}
+            flat = {r["init"]: C.log_final_loss(r) for r in rs if r["damping"] == "flat"}
+            mine = {r["init"]: C.log_final_loss(r) for r in rs if r["damping"] == config.label}
             faster.append(sum(flat[i] - mine[i] for i in inits) / len(inits))
             spread.append(
                 (max(flat.values()) - min(flat.values()))

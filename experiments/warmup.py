@@ -151,11 +151,6 @@ def _seed_runs(seed: int, s: dict, scale: str, dev) -> list[dict]:
     ]
 
 
-def _log_loss(r: dict) -> float:
-    bad = r["diverged"] or not math.isfinite(r["train_loss"])
-    return math.log10(max(r["initial_loss"] if bad else r["train_loss"], 1e-4))
-
-
 def _acc(r: dict) -> float:
     return 0.0 if r["diverged"] or not math.isfinite(r["val_acc"]) else r["val_acc"]
 
@@ -191,7 +186,7 @@ def run(
                         "schedule": schedule,
                         "eps": label if label == "flat" else "learned: " + label,
                         "final eps": C.pm([r["final_eps"] for r in sub]),
-                        "log10 train loss": C.pm([_log_loss(r) for r in sub], ".2f"),
+                        "log10 train loss": C.pm([C.log_final_loss(r) for r in sub], ".2f"),
                         "val acc": C.pm([_acc(r) for r in sub], ".3f"),
                     }
                 )
@@ -203,7 +198,7 @@ def run(
     )
     same = identical_arms(
         runs, "eps", lambda r: f"alpha {r['lr']:g}, {r['schedule']}",
-        lambda r: (r["final_eps"], _log_loss(r), _acc(r)),
+        lambda r: (r["final_eps"], C.log_final_loss(r), _acc(r)),
     )
     if same:
         body += f"\n\n{same} {SAME_NOTE}"
@@ -232,7 +227,8 @@ def _checks(per_seed: list[list[dict]], s: dict) -> tuple[list[C.Check], dict]:
                 )
 
             lab = config.label
-            rescue.append(_log_loss(pick(top, "eq16", "flat")) - _log_loss(pick(top, "eq16", lab)))
+            rescue.append(C.log_final_loss(pick(top, "eq16", "flat"))
+                          - C.log_final_loss(pick(top, "eq16", lab)))
             boost.append(
                 sum(
                     (_acc(pick(lr, "eq16", lab)) - _acc(pick(lr, "eq12", lab)))

@@ -176,7 +176,7 @@ def test_spiked_quadratic_has_the_stated_per_sample_hessians():
     assert exact["trace_sq_per_p"] == pytest.approx(float((mean**2).sum()) / 12, rel=1e-10)
 
 
-def test_common_dense_hessian_matches_torch_func():
+def test_common_dense_hessian_matches_the_row_by_row_double_backward_reference():
     model = C.seeded(0, lambda: C.mlp(5, 4, 3).to(torch.float64))
     x = torch.randn(7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     y = torch.tensor([0, 1, 2, 0, 1, 2, 0])
