@@ -52,10 +52,10 @@ def digits(n: int | None = None, dtype=torch.float64):
     return (x[:n], y[:n]) if n else (x, y)
 
 
-def trained_mlp(hidden: int = 128, steps: int = 200, dtype=torch.float64, seed: int = 0):
-    """A 64-hidden-10 tanh MLP trained briefly with Adam on digits."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10)).to(dtype)
+def train_on_digits(model: nn.Module, steps: int = 200, dtype=torch.float64,
+                    seed: int = 0) -> nn.Module:
+    """``model`` (on flat [N, 64] digits) after ``steps`` Adam steps (lr 1e-2, batches of
+    128) with cross-entropy."""
     x, y = digits(dtype=dtype)
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -66,4 +66,25 @@ def trained_mlp(hidden: int = 128, steps: int = 200, dtype=torch.float64, seed: 
         loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return model, loss_fn
+    return model
+
+
+def trained_mlp(hidden: int = 128, steps: int = 200, dtype=torch.float64, seed: int = 0):
+    """A 64-hidden-10 tanh MLP trained briefly with Adam on digits."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10)).to(dtype)
+    return train_on_digits(model, steps, dtype, seed), nn.CrossEntropyLoss()
+
+
+def digits_cnn() -> nn.Sequential:
+    """Conv 1-8 (tanh), conv 8-16 stride 2 (tanh), linear to 10 classes, for [N, 1, 8, 8]
+    digits; weights from torch.manual_seed(0)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    )

@@ -29,7 +29,7 @@ import curvlab
 from curvlab.operators import Operator
 from curvlab.spectral import lanczos as lanczos_module
 
-from ._common import digits, table, trained_mlp
+from ._common import digits, digits_cnn, table, train_on_digits, trained_mlp
 
 TITLE = "Top-k eigenpairs: curvlab Lanczos vs ARPACK, PyHessian and hessian-eigenthings (issue 14)"
 KS = (1, 5, 20)
@@ -45,36 +45,15 @@ BOOKKEEPING_K = 5
 
 # ------------------------------------------------------------------------------ models
 def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.Tanh(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 10),
-    )
-
-
-def _train(model: nn.Module, steps: int = 200) -> nn.Module:
-    x, y = digits(dtype=torch.float32)
-    loss_fn = nn.CrossEntropyLoss()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (128,), generator=gen)
-        opt.zero_grad()
-        loss_fn(model(x[idx]), y[idx]).backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model
+    """The digits CNN on flat inputs, trained briefly in float32."""
+    model = nn.Sequential(nn.Unflatten(1, (1, 8, 8)), *digits_cnn())
+    return train_on_digits(model, dtype=torch.float32)
 
 
 def _models():
     """(name, float32 model, n samples); the float64 model is a copy with the same weights."""
     mlp, _ = trained_mlp(hidden=64, dtype=torch.float32)
-    return [("MLP 64-64-10", mlp, 512), ("CNN 8-16 conv + linear", _train(_cnn().float()), 128)]
+    return [("MLP 64-64-10", mlp, 512), ("CNN 8-16 conv + linear", _cnn(), 128)]
 
 
 # ------------------------------------------------------------------------------ methods

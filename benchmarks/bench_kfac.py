@@ -23,23 +23,11 @@ from torch import nn
 
 from curvlab.optim import KFAC
 
-from ._common import digits, interleaved_medians, table
+from ._common import digits, digits_cnn, interleaved_medians, table
 
 TITLE = "KFAC optimizer step: curvlab vs SGD vs rebuilding curvlinops factors (issue 7)"
 LR, DAMPING, BATCH, REPEATS = 0.05, 0.1, 64, 60
 SGD = "SGD (forward + backward + step)"
-
-
-def _cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.Tanh(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1),
-        nn.Tanh(),
-        nn.Flatten(),
-        nn.Linear(16 * 4 * 4, 10),
-    )
 
 
 def _batches():
@@ -100,7 +88,7 @@ def run() -> str:
     torch.set_num_threads(1)
     try:
         loss_fn = nn.CrossEntropyLoss()
-        base = _cnn()
+        base = digits_cnn()
         n_params = sum(p.numel() for p in base.parameters())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
