@@ -302,7 +302,7 @@ class PyHessianEstimator(CurvatureEstimator):
         M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for
         Laplacian smoothing splines", Commun. Stat. Simul. Comput. 18 (1989).
         """
-        check_int("maxIter", maxIter, minimum=2, fix="a standard error needs two samples")
+        maxIter = check_int("maxIter", maxIter, minimum=2, fix="a standard error needs two samples")
         check_positive("tol", tol)
         gen = make_generator(seed, self.device)
         samples: list[float] = []

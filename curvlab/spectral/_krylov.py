@@ -41,6 +41,18 @@ def apply(op, v: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def block_widths(total: int) -> list[int]:
+    """Widths of at most :data:`PRODUCT_BLOCK` summing to ``total``: the probe blocks of
+    the stochastic estimators.
+
+    Examples
+    --------
+    >>> block_widths(40)
+    [16, 16, 8]
+    """
+    return [min(PRODUCT_BLOCK, total - i) for i in range(0, total, PRODUCT_BLOCK)]
+
+
 def column_blocks(op, chunk: int = 256, product=None):
     """Yield (i, A[:, i:i+chunk]) for the P identity columns: the exact route of the
     estimators when the budget reaches P, and dense assembly for small operators.

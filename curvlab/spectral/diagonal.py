@@ -30,6 +30,7 @@ from curvlab.spectral._budget import element_size, warn_if_over_memory
 from curvlab.spectral._krylov import (
     PRODUCT_BLOCK,
     Products,
+    block_widths,
     check_operator,
     column_blocks,
 )
@@ -178,8 +179,7 @@ def diagonal_estimate(
         gen = make_generator(seed, op.device)
         if method == "hutchinson":
             terms = _SpreadAccumulator()
-            for start in range(0, n_matvecs, PRODUCT_BLOCK):
-                width = min(PRODUCT_BLOCK, n_matvecs - start)
+            for width in block_widths(n_matvecs):
                 Z = rademacher((P, width), generator=gen, dtype=op.dtype, device=op.device)
                 terms.add(Z * product(Z))
             return DiagonalEstimate(*terms.mean_and_stderr(), n_matvecs, method)

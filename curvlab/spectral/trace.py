@@ -27,6 +27,7 @@ from curvlab.spectral._budget import element_size, warn_if_over_memory
 from curvlab.spectral._krylov import (
     PRODUCT_BLOCK,
     Products,
+    block_widths,
     check_operator,
     column_blocks,
 )
@@ -177,7 +178,7 @@ def _estimate(op, n_matvecs, method, seed, square, progress, callback) -> Estima
         gen = make_generator(seed, op.device)
         Q, exact_part = None, 0.0
         if s:
-            sketched = [product(_draw(gaussian, P, c, gen, op)) for c in _widths(s)]
+            sketched = [product(_draw(gaussian, P, c, gen, op)) for c in block_widths(s)]
             Q, _ = torch.linalg.qr(torch.cat(sketched, dim=1))
             del sketched
             for start in range(0, s, PRODUCT_BLOCK):
@@ -185,7 +186,7 @@ def _estimate(op, n_matvecs, method, seed, square, progress, callback) -> Estima
                 AQc = product(Qc)
                 exact_part += float((AQc**2).sum() if square else (Qc * AQc).sum())
         samples = []
-        for width in _widths(n_matvecs - 2 * s):
+        for width in block_widths(n_matvecs - 2 * s):
             Z = _draw(rademacher, P, width, gen, op)
             if Q is not None:
                 Z = Z - Q @ (Q.T @ Z)
@@ -199,11 +200,6 @@ def _estimate(op, n_matvecs, method, seed, square, progress, callback) -> Estima
         n_matvecs=2 * s + m,
         samples=samples,
     )
-
-
-def _widths(total: int) -> list[int]:
-    """Block widths of at most PRODUCT_BLOCK summing to ``total``."""
-    return [min(PRODUCT_BLOCK, total - i) for i in range(0, total, PRODUCT_BLOCK)]
 
 
 def _draw(draw, P: int, width: int, gen: torch.Generator, op) -> torch.Tensor:
