@@ -546,14 +546,16 @@ _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
 def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
-    """Exact content checksums of ``tensors``: any write changes them, including writes
-    through ``.data`` that bypass version counters, values moved between tensors and
+    """Exact content checksums of ``tensors``: any practical write changes them, including
+    writes through ``.data`` that bypass version counters, values moved between tensors and
     permutations within one.
 
     The bit patterns of each group of tensors with one bit width and device are concatenated
-    (b_1, ..., b_m) and summarised, in wrapping int64 arithmetic, by sum_i b_i,
-    sum_i b_i^2 and the position-weighted sum_i (m - i + 1) b_i (the sum of the cumulative
-    sums), so a change is missed only when its differences cancel modulo 2^64 in all three.
+    (b_1, ..., b_m) and summarised, in wrapping int64 arithmetic, by each tensor's own sum of
+    bit patterns and the position-weighted sum_i (m - i + 1) b_i (the sum of the cumulative
+    sums). A change is missed only when its bit-pattern differences sum to zero within every
+    tensor and, weighted by position, over the group (modulo 2^64): never a permutation or
+    an exchange of distinct values, nor a change of one value.
 
     Parameters
     ----------
@@ -563,7 +565,7 @@ def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     Returns
     -------
     tuple of int
-        Three integers per group of tensors (empty for no tensors).
+        One integer per tensor and one per group (empty for no tensors).
 
     Examples
     --------
@@ -587,7 +589,8 @@ def fingerprint(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
     sums = []
     for parts in groups.values():
         bits = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(torch.int64)
-        sums += [bits.sum(), (bits * bits).sum(), bits.cumsum(0).sum()]
+        sums += [part.sum() for part in bits.split([p.numel() for p in parts])]
+        sums.append(bits.cumsum(0).sum())
     return tuple(torch.stack(sums).tolist()) if sums else ()
 
 
